@@ -1,0 +1,14 @@
+# The two commands of the README. Each installs what it needs first.
+.PHONY: sweep test bench
+
+sweep:
+	scripts/setup.sh
+	.venv/bin/bitsweep run
+
+test:
+	scripts/setup.sh dev
+	.venv/bin/python -m pytest
+
+bench:
+	scripts/setup.sh dev
+	.venv/bin/python bench/quantize.py

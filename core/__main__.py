@@ -1,0 +1,3 @@
+from bitsweep.cli import main
+
+main()

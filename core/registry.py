@@ -1,0 +1,137 @@
+"""The plugin registry: built-in plugins first, then every entry point in group ``bitsweep``.
+
+A third-party plugin that fails to import, or whose hook raises or returns
+something unusable, costs one warning naming it and its distribution; the rest
+of bitsweep keeps working.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.metadata
+import threading
+import warnings
+from dataclasses import dataclass
+
+import pluggy
+
+from bitsweep import hookspecs
+from bitsweep.errors import BitsweepError
+
+ENTRY_POINT_GROUP = "bitsweep"
+BUILTIN_PLUGINS = ("bitsweep.plugins.schemes", "bitsweep.plugins.compressors")
+# kind -> the hook that registers it
+HOOKS = {
+    "scheme": "register_schemes",
+    "model source": "register_model_sources",
+    "dataset": "register_datasets",
+    "compressor": "register_compressors",
+}
+
+
+class PluginWarning(UserWarning):
+    """A plugin could not be loaded or registered and was skipped."""
+
+
+@dataclass(frozen=True)
+class Provider:
+    """Where a registered object comes from."""
+
+    plugin: str
+    distribution: str
+    version: str
+
+    def __str__(self):
+        return f"plugin {self.plugin!r} (distribution {self.distribution} {self.version})"
+
+
+@dataclass(frozen=True)
+class Registered:
+    kind: str
+    name: str
+    obj: object
+    provider: Provider
+
+
+class Registry:
+    """Every scheme, model source, dataset and compressor, by kind and name."""
+
+    def __init__(self, manager: pluggy.PluginManager, providers: dict[str, Provider]):
+        self._manager = manager
+        self._providers = providers
+        self._lock = threading.Lock()
+        self._by_kind: dict[str, dict[str, Registered]] = {}
+
+    def entries(self, kind: str) -> dict[str, Registered]:
+        """Name -> registration for one kind, collected once, in registration order."""
+        with self._lock:
+            if kind not in self._by_kind:
+                self._by_kind[kind] = self._collect(kind)
+            return self._by_kind[kind]
+
+    def get(self, kind: str, name: str):
+        entries = self.entries(kind)
+        if name not in entries:
+            available = ", ".join(sorted(entries)) or "none"
+            raise BitsweepError(f"unknown {kind} {name!r}; available: {available} (see `bitsweep plugins`)")
+        return entries[name].obj
+
+    def _collect(self, kind: str) -> dict[str, Registered]:
+        found: dict[str, Registered] = {}
+        hook = getattr(self._manager.hook, HOOKS[kind])
+        for impl in hook.get_hookimpls():  # registration order: built-ins first
+            provider = self._providers[impl.plugin_name]
+            try:
+                objects = list(impl.function() or [])
+            except Exception as exc:  # a third party's bug must not stop bitsweep
+                _warn(f"{provider} failed in {HOOKS[kind]}: {type(exc).__name__}: {exc}; its {kind}s are skipped")
+                continue
+            for obj in objects:
+                name = getattr(obj, "name", None)
+                if not isinstance(name, str) or not name:
+                    _warn(f"{provider} registered a {kind} without a name ({obj!r}); it is skipped")
+                elif name in found:
+                    _warn(f"{provider} registers {kind} {name!r}, already provided by {found[name].provider}; "
+                          "the first one is kept")
+                else:
+                    found[name] = Registered(kind, name, obj, provider)
+        return found
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, PluginWarning, stacklevel=3)
+
+
+def _version() -> str:
+    from bitsweep import __version__
+
+    return __version__
+
+
+def build_registry() -> Registry:
+    """A fresh registry: built-ins, then each installed entry point (failures become warnings)."""
+    manager = pluggy.PluginManager("bitsweep")
+    manager.add_hookspecs(hookspecs)
+    providers: dict[str, Provider] = {}
+    for module_name in BUILTIN_PLUGINS:
+        plugin = "builtin:" + module_name.rsplit(".", 1)[1]
+        manager.register(importlib.import_module(module_name), name=plugin)
+        providers[plugin] = Provider(plugin, "bitsweep", _version())
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = entry_point.dist
+        provider = Provider(entry_point.name, dist.name if dist else "unknown",
+                            dist.version if dist else "unknown")
+        try:
+            manager.register(entry_point.load(), name=entry_point.name)
+        except Exception as exc:  # ImportError, a bad hook signature, a duplicate plugin name...
+            _warn(f"{provider} failed to load: {type(exc).__name__}: {exc}; it is skipped")
+            continue
+        providers[entry_point.name] = provider
+    return Registry(manager, providers)
+
+
+@functools.cache
+def get_registry() -> Registry:
+    """The process-wide registry, built on first use."""
+    return build_registry()
