@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -45,6 +46,83 @@ def plugins():
     console.print(table)
 
 
+def _prefect_environment() -> None:
+    """Offline-safe Prefect settings (users' own settings win), before Prefect is imported."""
+    import os
+
+    # Console logging is the progress bar and the results table; Prefect's logs still reach its API and UI.
+    defaults = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+                "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
+                "PREFECT_LOGGING_HANDLERS_CONSOLE_FLOW_RUNS_LEVEL": "CRITICAL",
+                "PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL": "CRITICAL"}
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+
+
+@app.command()
+def run(
+    config: Path = typer.Option(Path("flows.yaml"), "--config", "-c", help="The sweeps to run."),
+    sweep: str | None = typer.Option(None, "--sweep", help="Run only this sweep of the file."),
+    max_workers: int | None = typer.Option(None, "--max-workers", help="Cells at once (default: cores / threads)."),
+):
+    """Run the sweeps of flows.yaml as a Prefect flow; finished cells are kept and skipped on a rerun."""
+    import os
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from bitsweep.config import load_config
+
+    from bitsweep.sweep import expand_models
+
+    sweeps = load_config(config).sweep(sweep)  # fail on a bad file or model name before Prefect starts
+    for s in sweeps:
+        expand_models(s)
+    threads = max(s.evaluation.threads for s in sweeps)
+    _prefect_environment()
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from bitsweep.flows import sweep as sweep_flow_module
+
+    workers = max_workers or max(1, (os.cpu_count() or 1) // threads)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        job = bar.add_task("cells", total=None)
+
+        def advance(row, total):
+            bar.update(job, total=total, advance=1, description=f"{row['model']} {row['scheme']} {row['bits']}b")
+
+        sweep_flow_module.on_row = advance
+        flow = sweep_flow_module.sweep_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
+        try:
+            flow(config_path=str(config), sweep_name=sweep)
+        finally:
+            sweep_flow_module.on_row = None
+            bar.stop()
+            for s in sweeps:
+                _print_results(s)
+
+
+def _print_results(sweep) -> None:
+    import json
+
+    path = sweep.run_dir / "results.json"
+    if not path.exists():
+        return
+    rows = json.loads(path.read_text())
+    table = Table("model", "scheme", "bits", "policy", "top-1", "agree", "KL", "MB", "7z MB", "ΔSize %", "status",
+                  title=f"sweep {sweep.name}")
+    fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
+    for r in rows:
+        table.add_row(r["model"], r["scheme"], str(r["bits"]), r.get("policy") or "", fmt(r.get("top1"), ".2f"),
+                      fmt(r.get("agreement"), ".1f"), fmt(r.get("kl"), ".4f"),
+                      fmt(r.get("bytes_stored") and r["bytes_stored"] / 1e6, ".2f"),
+                      fmt(r.get("bytes_7z") and r["bytes_7z"] / 1e6, ".2f"), fmt(r.get("delta_size_pct"), ".1f"),
+                      r["status"] if r["status"] == "ok" else f"failed: {r.get('error', '')[:60]}")
+    console.print(table)
+    console.print(f"results: {sweep.run_dir / 'results.csv'}")
+
+
 @app.command()
 def quantize(
     model: str = typer.Argument(..., help="A timm model name, e.g. resnet18."),
@@ -66,7 +144,10 @@ def quantize(
     from bitsweep.registry import get_registry
 
     get_registry().get("scheme", scheme)
-    fp32 = _create_timm_model(model, pretrained)
+    from bitsweep.models import ModelSpec
+
+    source = get_registry().get("model source", "timm")
+    fp32 = source.load(ModelSpec(name=model, pretrained=pretrained), None).module
     policy = Policy(keep_first=keep_first, keep_last=keep_last)
     quantized = quantize_model(fp32, scheme, bits, granularity, policy, group_size=group_size)
     table = Table("layer", "shape", "bits", "SQNR dB")
@@ -84,22 +165,6 @@ def quantize(
                   f"quantized with {scheme} {bits}-bit per {granularity}")
 
 
-def _create_timm_model(name: str, pretrained: bool):
-    import difflib
-
-    import timm
-
-    if name not in timm.list_models():
-        close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
-        raise BitsweepError(f"unknown timm model {name!r}{hint}")
-    try:
-        return timm.create_model(name, pretrained=pretrained).eval()
-    except Exception as exc:  # offline hub, missing cache...
-        raise BitsweepError(f"cannot load pretrained weights for {name!r} ({type(exc).__name__}); "
-                            "put them in the Hugging Face cache or quantize without --pretrained") from None
-
-
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
     print(f"bitsweep: warning: {message}", file=file or sys.stderr)
 
@@ -111,3 +176,6 @@ def main():
     except BitsweepError as exc:
         print(f"bitsweep: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("bitsweep: interrupted; finished cells are kept and a rerun resumes from them", file=sys.stderr)
+        sys.exit(130)

@@ -20,7 +20,8 @@ from bitsweep import hookspecs
 from bitsweep.errors import BitsweepError
 
 ENTRY_POINT_GROUP = "bitsweep"
-BUILTIN_PLUGINS = ("bitsweep.plugins.schemes", "bitsweep.plugins.compressors")
+BUILTIN_PLUGINS = tuple(f"bitsweep.plugins.{name}" for name in (
+    "schemes", "compressors", "models", "efficientnet_lite", "datasets", "photos", "imagefolder"))
 # kind -> the hook that registers it
 HOOKS = {
     "scheme": "register_schemes",

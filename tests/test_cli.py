@@ -30,3 +30,22 @@ def test_quantize_command_reports_every_layer(run_cli):
     assert "20 of 21 Conv/Linear layers quantized with pow2 5-bit per channel" in result.stdout
     conv1 = next(line for line in result.stdout.splitlines() if "│ conv1 " in line)
     assert "fp32" in conv1
+
+
+@pytest.mark.parametrize("sweep, message", [
+    ("{name: a, models: [resnt18], dataset: {name: synthetic}, schemes: [pow2], bits: [4]}",
+     "bitsweep: error: unknown timm model 'resnt18'; did you mean resnet18"),
+    ("{name: a, models: [{source: trained, name: test_efficientnet}], dataset: {name: fashion-mnist, path: /nope},"
+     " schemes: [pow2], bits: [4]}",
+     "bitsweep: error: Fashion-MNIST not found at /nope"),
+    ("{name: a, models: [resnet18], dataset: {name: synthetic}, schemes: [pow2], bits: [4, 9]}",
+     "bitsweep: error: flows.yaml: sweeps[0].bits[1]: 9 is outside 2..8"),
+    ("{name: a, models: [resnet18], dataset: {name: synthetic}, schemes: [pow2], bits: [4",
+     "bitsweep: error: flows.yaml: line 3: not valid YAML (expected ',' or ']'"),
+])
+def test_run_refuses_bad_input_in_one_line(sweep, message, tmp_path, run_cli):
+    (tmp_path / "flows.yaml").write_text(f"sweeps:\n  - {sweep}\n")
+    result = run_cli("run", cwd=tmp_path, env={"BITSWEEP_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 2
+    assert result.stderr.startswith(message), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stdout + result.stderr

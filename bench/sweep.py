@@ -1,0 +1,99 @@
+"""The default sweep of flows.yaml, measured: orchestration overhead, loads per model, peak memory.
+
+Targets: overhead (wall time minus time inside the step functions, the latter divided by
+the number of workers, so any idle worker counts as overhead) <= 10 % of the run; each
+model loaded and its fp32 baseline evaluated exactly once; peak RSS <= 3 GB.
+Runs in a fresh run directory (the trained-model cache is reused). Exits non-zero on a miss.
+Usage: python bench/sweep.py [--config flows.yaml]
+"""
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+for key, value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+                   "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+                   "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
+                   "PREFECT_LOGGING_HANDLERS_CONSOLE_FLOW_RUNS_LEVEL": "CRITICAL",
+                   "PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL": "CRITICAL"}.items():
+    os.environ.setdefault(key, value)
+
+import yaml  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
+
+from bitsweep import sweep as steps  # noqa: E402
+from bitsweep.flows.sweep import sweep_flow  # noqa: E402
+from bitsweep.registry import get_registry  # noqa: E402
+
+STEPS = ("prepare_model", "quantize_cell", "evaluate_cell", "compress_sizes")
+
+
+def instrument():
+    """Time every step function and count model loads (the flow calls them through their modules)."""
+    lock, seconds, calls = threading.Lock(), dict.fromkeys(STEPS, 0.0), dict.fromkeys(STEPS + ("source.load",), 0)
+
+    def wrap(owner, name, key):
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                with lock:
+                    calls[key] += 1
+                    if key in seconds:
+                        seconds[key] += time.perf_counter() - start
+
+        setattr(owner, name, timed)
+
+    for name in STEPS:
+        wrap(steps, name, name)
+    for entry in get_registry().entries("model source").values():
+        wrap(entry.obj, "load", "source.load")
+    return seconds, calls
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="flows.yaml")
+    args = parser.parse_args()
+    config = yaml.safe_load(Path(args.config).read_text())
+    workdir = Path(tempfile.mkdtemp(prefix="bitsweep-bench-"))
+    for sweep in config["sweeps"]:
+        sweep["output"] = str(workdir / sweep["name"])
+    bench_config = workdir / "flows.yaml"
+    bench_config.write_text(yaml.safe_dump(config))
+    models = sum(len(s["models"]) for s in config["sweeps"])
+
+    workers = os.cpu_count() or 1
+    seconds, calls = instrument()
+    flow = sweep_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
+    start = time.perf_counter()
+    rows = flow(config_path=str(bench_config))
+    wall = time.perf_counter() - start
+    inside = sum(seconds.values())
+    overhead = wall - inside / workers
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+    checks = [
+        ("orchestration overhead % of wall", 100 * overhead / wall, "<= 10", 100 * overhead / wall <= 10),
+        ("model loads", calls["source.load"], f"== {models}", calls["source.load"] == models),
+        ("fp32 baselines", calls["prepare_model"], f"== {models}", calls["prepare_model"] == models),
+        ("peak RSS GB", peak_gb, "<= 3", peak_gb <= 3),
+    ]
+    print(f"default sweep: {len(rows)} rows in {wall:.1f} s wall on {workers} workers; "
+          f"{inside:.1f} s inside step functions ({', '.join(f'{k} {v:.1f}' for k, v in seconds.items())})")
+    print(f"{'measure':<34} {'value':>9}  {'target':<8} result")
+    for name, value, target, ok in checks:
+        print(f"{name:<34} {value:>9.2f}  {target:<8} {'ok' if ok else 'MISSED'}")
+    return 0 if all(ok for *_, ok in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""The dataset contract: labelled (or label-free) image tensors that plugins provide by name."""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+SPLITS = ("train", "test")
+
+
+@dataclass
+class ImageSet:
+    """A whole split in memory: small evaluation sets are cheaper as one tensor than as a loader."""
+
+    images: torch.Tensor  # float32 [N, C, H, W], already normalized
+    labels: torch.Tensor | None  # int64 [N]; None for label-free (calibration-only) sets
+    class_names: list[str]
+
+
+class Dataset(ABC):
+    """Loads one split of a named image set; registered through the ``register_datasets`` hook."""
+
+    name: str = ""
+    description: str = ""
+
+    @abstractmethod
+    def load(self, split: str, options: dict, data_config: dict | None = None) -> ImageSet:
+        """Return ``split`` ("train" or "test"); raise ``BitsweepError`` naming the fix when data is missing.
+
+        ``data_config`` is timm's ``resolve_data_config`` for the model to be evaluated, for
+        datasets that preprocess per model (input size, crop, mean/std); others ignore it.
+        """
+
+
+def content_hash(data: ImageSet) -> str:
+    """A short sha256 of the tensors' bytes, so caches key on content rather than on a path."""
+    digest = hashlib.sha256()
+    tensors = [data.images] + ([data.labels] if data.labels is not None else [])
+    for tensor in tensors:
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update("\n".join(data.class_names).encode())
+    return digest.hexdigest()[:16]

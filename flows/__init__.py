@@ -1,0 +1,1 @@
+"""Prefect orchestration of the sweep: thin flows and tasks around ``bitsweep.sweep``."""

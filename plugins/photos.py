@@ -1,0 +1,67 @@
+"""Dataset ``photos``: real photographs that ship inside scikit-image, for label-free checks.
+
+No ImageNet images can be fetched offline, but a quantized ImageNet model can
+still be compared with its fp32 self (top-1 agreement, KL) on natural inputs:
+these photos, each seen through several deterministic crops and mirrorings.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageOps
+
+import bitsweep
+from bitsweep.datasets import Dataset, ImageSet
+from bitsweep.errors import BitsweepError
+from bitsweep.plugins.datasets import _check_options, _check_split, _positive_int
+from bitsweep.plugins.imagefolder import preprocess
+
+# skimage.data functions whose files are inside the scikit-image wheel (no download); grey ones become RGB.
+PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel", "hubble_deep_field",
+          "moon", "rocket")
+DEFAULT_VIEWS = 8
+
+
+def views_of(photo: Image.Image, count: int) -> list[Image.Image]:
+    """The whole photo, then fixed-seed crops of 50-100 % of each side, every other one mirrored."""
+    width, height = photo.size
+    rng = np.random.default_rng(0)  # the same boxes for every photo and every run
+    views = [photo]
+    for k in range(1, count):
+        side = rng.uniform(0.5, 1.0)
+        left, top = rng.uniform(0.0, 1.0 - side, size=2)
+        view = photo.crop((round(left * width), round(top * height),
+                           round((left + side) * width), round((top + side) * height)))
+        views.append(ImageOps.mirror(view) if k % 2 else view)
+    return views
+
+
+def load_photos() -> list[Image.Image]:
+    try:
+        from skimage import data
+    except ImportError as exc:
+        raise BitsweepError("dataset 'photos' needs scikit-image's sample photos; "
+                            "run `pip install scikit-image`") from exc
+    return [Image.fromarray(getattr(data, name)()).convert("RGB") for name in PHOTOS]
+
+
+class Photos(Dataset):
+    name = "photos"
+    description = (f"{len(PHOTOS)} unlabelled photos from scikit-image x {DEFAULT_VIEWS} crops (option views:), "
+                   "for agreement with fp32 only")
+
+    def load(self, split: str, options: dict, data_config: dict | None = None) -> ImageSet:
+        _check_options(self.name, options, {"views"})
+        if split == "train":
+            raise BitsweepError(f"dataset {self.name!r} is evaluation-only (unlabelled photos, no train split); "
+                                "train on a labelled dataset such as fashion-mnist, or use trained weights "
+                                "(e.g. source: efficientnet-lite)")
+        _check_split(self.name, split)
+        count = _positive_int(self.name, "views", options.get("views", DEFAULT_VIEWS))
+        views = [view for photo in load_photos() for view in views_of(photo, count)]
+        return ImageSet(preprocess(views, data_config), labels=None, class_names=[])
+
+
+@bitsweep.hookimpl
+def register_datasets():
+    return [Photos()]

@@ -1,0 +1,168 @@
+"""The sweep end to end through the real Prefect flow, on a tiny synthetic sweep."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import yaml
+
+from bitsweep import sweep as steps
+from bitsweep.config import load_config
+
+STABLE = ["model", "scheme", "bits", "policy", "status", "top1", "top5", "agreement", "kl", "params",
+          "quantized_layers", "bytes_stored", "entropy_bytes", "bytes_gzip", "bytes_7z", "bytes_zstd", "key"]
+
+
+def write_config(tmp_path, schemes=("asymmetric", "pow2"), bits=(8, 4), name="tiny", extra_models=()):
+    config = {"sweeps": [{
+        "name": name,
+        "models": [{"source": "trained", "name": "test_efficientnet", "epochs": 1, "batch_size": 64},
+                   *extra_models],
+        "dataset": {"name": "synthetic", "n": 256, "num_classes": 4, "size": 16},
+        "schemes": list(schemes), "bits": list(bits), "policies": ["full", {"keep_first": 1}],
+        "compressors": ["gzip", "zstd"],
+        "evaluation": {"latency_repeats": 3},
+        "output": str(tmp_path / "run"),
+    }]}
+    path = tmp_path / "flows.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def stable(rows):
+    return sorted(tuple(r.get(k) for k in STABLE) for r in rows)
+
+
+@pytest.fixture
+def counted_steps(monkeypatch):
+    """Count calls of each step function (the flow calls them through the module)."""
+    calls = {"prepare_model": 0, "quantize_cell": 0, "evaluate_cell": 0, "compress_sizes": 0}
+    for name in calls:
+        original = getattr(steps, name)
+
+        def counting(*args, _original=original, _name=name):
+            calls[_name] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(steps, name, counting)
+    return calls
+
+
+def test_flow_rows_then_rerun_executes_no_step(tmp_path, monkeypatch, prefect_harness, counted_steps):
+    from bitsweep.flows.sweep import sweep_flow
+
+    monkeypatch.setenv("BITSWEEP_CACHE", str(tmp_path / "cache"))
+    config = write_config(tmp_path)
+    rows = sweep_flow(config_path=str(config))
+    assert counted_steps == {"prepare_model": 1, "quantize_cell": 8, "evaluate_cell": 8, "compress_sizes": 9}
+    assert len(rows) == 9 and all(r["status"] == "ok" for r in rows)
+    cells = {(r["scheme"], r["bits"], r["policy"]) for r in rows if r["scheme"] != "fp32"}
+    assert cells == {(s, b, p) for s in ("asymmetric", "pow2") for b in (8, 4) for p in ("full", "keep_first=1")}
+    base = next(r for r in rows if r["scheme"] == "fp32")
+    for row in rows:
+        assert row["bytes_zstd"] > 0 and row["bytes_gzip"] > 0 and 0 <= row["agreement"] <= 100
+        if row["scheme"] != "fp32":
+            assert row["bytes_stored"] < base["bytes_stored"] / 2, "codes take one byte per weight, not four"
+            assert row["drop_top1"] == pytest.approx(base["top1"] - row["top1"])
+            assert row["delta_size_pct"] == pytest.approx(100 * (1 - row["bytes_stored"] / base["bytes_stored"]))
+            assert row["quantized_layers"] == (18 if row["policy"] == "full" else 17)  # test_efficientnet has 18
+    eight = [r for r in rows if r["bits"] == 8 and r["scheme"] == "asymmetric"]
+    assert all(r["agreement"] >= 95 for r in eight)
+    written = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert stable(written) == stable(rows)
+    assert (tmp_path / "run" / "results.csv").read_text().splitlines()[0].startswith("sweep,model,scheme,bits")
+
+    for name in counted_steps:
+        counted_steps[name] = 0
+    again = sweep_flow(config_path=str(config))
+    assert counted_steps == {"prepare_model": 0, "quantize_cell": 0, "evaluate_cell": 0, "compress_sizes": 0}
+    assert stable(again) == stable(rows)
+
+
+FAILING_PLUGIN = '''
+import bitsweep
+from bitsweep.plugins.schemes import Symmetric
+
+class BrokenAtThreeBits(Symmetric):
+    name = "broken3"
+    def encode(self, rows, scale, zero_point, bits):
+        if bits == 3:
+            raise RuntimeError("this scheme cannot do 3 bits")
+        return super().encode(rows, scale, zero_point, bits)
+
+@bitsweep.hookimpl
+def register_schemes():
+    return [BrokenAtThreeBits()]
+'''
+
+
+def install_plugin(root):
+    info = root / "bitsweep_broken3-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: bitsweep-broken3\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[bitsweep]\nbroken3 = broken3\n")
+    (root / "broken3.py").write_text(textwrap.dedent(FAILING_PLUGIN))
+
+
+def cli(tmp_path, *args):
+    env = {**os.environ, "BITSWEEP_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(tmp_path / "site")}
+    return [sys.executable, "-m", "bitsweep", *args], env
+
+
+def test_failed_cell_is_recorded_others_finish_and_exit_is_nonzero(tmp_path):
+    (tmp_path / "site").mkdir()
+    install_plugin(tmp_path / "site")
+    config = write_config(tmp_path, schemes=("broken3",), bits=(8, 3))
+    command, env = cli(tmp_path, "run", "--config", str(config))
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "2 of 5 rows failed" in result.stderr and "cannot do 3 bits" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    rows = json.loads((tmp_path / "run" / "results.json").read_text())
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert {(r["bits"], r["policy"]) for r in failed} == {(3, "full"), (3, "keep_first=1")}
+    assert all("quantize: RuntimeError: this scheme cannot do 3 bits" == r["error"] for r in failed)
+    assert sum(r["status"] == "ok" for r in rows) == 3
+
+
+def test_killed_sweep_resumes_to_the_same_rows(tmp_path):
+    (tmp_path / "site").mkdir()
+    bits = (8, 6, 5, 4, 3)
+    reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
+    for folder in (reference_dir, resumed_dir):
+        folder.mkdir()
+        write_config(folder, schemes=("asymmetric", "symmetric"), bits=bits)
+    command, env = cli(tmp_path, "run", "--config", str(resumed_dir / "flows.yaml"), "--max-workers", "1")
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    cells = resumed_dir / "run" / "cells"
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and len(list(cells.glob("*/row.json"))) < 3:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    done_before = {p.parent.name for p in cells.glob("*/row.json")}
+    assert 3 <= len(done_before) < 20, "killed mid-way"
+    mtimes = {p: p.stat().st_mtime_ns for p in cells.glob("*/row.json")}
+
+    subprocess.run(command, env=env, check=True, capture_output=True, timeout=600)
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items()), "finished cells were not redone"
+    command, env = cli(tmp_path, "run", "--config", str(reference_dir / "flows.yaml"))
+    subprocess.run(command, env=env, check=True, capture_output=True, timeout=600)
+    resumed = json.loads((resumed_dir / "run" / "results.json").read_text())
+    reference = json.loads((reference_dir / "run" / "results.json").read_text())
+    assert len(resumed) == 21 and stable(resumed) == stable(reference)
+    assert not list(resumed_dir.rglob("*.tmp")) or all(p.stat().st_size >= 0 for p in resumed_dir.rglob("*.tmp"))
+
+
+def test_plan_covers_the_grid(tmp_path):
+    sweep = load_config(write_config(tmp_path, bits=(8, 6, 4))).sweeps[0]
+    cells = steps.plan_cells(sweep, "m")
+    assert len(cells) == 2 * 3 * 2 and len({c.label for c in cells}) == 12
+    assert steps.Cell(model="resnet18", scheme="pow2", bits=4, granularity="channel", group_size=None,
+                      policy=sweep.policies[0]).label == "resnet18 pow2 4b"
