@@ -34,6 +34,15 @@ def write_config(tmp_path, schemes=("asymmetric", "pow2"), bits=(8, 4), name="ti
     return path
 
 
+def prefect_artifacts(keys):
+    """The flow's artifacts, read back from the Prefect server's API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+
+
 def stable(rows):
     return sorted(tuple(r.get(k) for k in STABLE) for r in rows)
 
@@ -76,6 +85,11 @@ def test_flow_rows_then_rerun_executes_no_step(tmp_path, monkeypatch, prefect_ha
     written = json.loads((tmp_path / "run" / "results.json").read_text())
     assert stable(written) == stable(rows)
     assert (tmp_path / "run" / "results.csv").read_text().splitlines()[0].startswith("sweep,model,scheme,bits")
+
+    artifacts = {a.key: a for a in prefect_artifacts(["tiny-results", "tiny-summary", "tiny-progress"])}
+    assert len(json.loads(artifacts["tiny-results"].data)) == 9
+    assert "| test_efficientnet |" in artifacts["tiny-summary"].data
+    assert artifacts["tiny-progress"].data == 100.0
 
     for name in counted_steps:
         counted_steps[name] = 0
