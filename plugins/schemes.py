@@ -6,6 +6,13 @@ import bitsweep
 from bitsweep.schemes import AffineScheme, Scheme
 
 
+def max_abs_scale(rows, top_code):
+    """Scale mapping each row's max-abs onto ``top_code`` (1 for an all-zero row), zero point 0."""
+    scale = rows.abs().amax(dim=1) / float(top_code)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, torch.zeros_like(scale, dtype=torch.int32)
+
+
 class Asymmetric(AffineScheme):
     """Affine min/max: codes 0..2^b-1; the range always contains 0 so zero is exact."""
 
@@ -35,9 +42,7 @@ class Symmetric(AffineScheme):
         return -top, top
 
     def fit(self, rows, bits):
-        scale = rows.abs().amax(dim=1) / float(self.code_range(bits)[1])
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return scale, torch.zeros_like(scale, dtype=torch.int32)
+        return max_abs_scale(rows, self.code_range(bits)[1])
 
 
 class PowerOfTwo(Scheme):
@@ -58,9 +63,7 @@ class PowerOfTwo(Scheme):
         return -top, top
 
     def fit(self, rows, bits):
-        scale = rows.abs().amax(dim=1)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return scale, torch.zeros_like(scale, dtype=torch.int32)
+        return max_abs_scale(rows, 1)
 
     def encode(self, rows, scale, zero_point, bits):
         levels = self.code_range(bits)[1]
