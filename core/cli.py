@@ -88,9 +88,12 @@ def run(
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         job = bar.add_task("cells", total=None)
+        totals = {}  # sweep -> its cell count, known once it starts
 
         def advance(row, total):
-            bar.update(job, total=total, advance=1, description=f"{row['model']} {row['scheme']} {row['bits']}b")
+            totals[row["sweep"]] = total
+            bar.update(job, total=sum(totals.values()), advance=1,
+                       description=f"{row['model']} {row['scheme']} {row['bits']}b")
 
         sweep_flow_module.on_row = advance
         flow = sweep_flow_module.sweep_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))

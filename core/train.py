@@ -39,16 +39,6 @@ def classifier_kwargs(arch: str, num_classes: int, in_chans: int, image_size: in
     return {"num_classes": num_classes, "in_chans": in_chans, **model_kwargs}
 
 
-def classifier_kwargs(arch: str, num_classes: int, in_chans: int, image_size: int, **model_kwargs) -> dict:
-    """``timm.create_model`` kwargs for a from-scratch classifier; fixed-input-size models (ViTs) get ``img_size``."""
-    cfg = timm.get_pretrained_cfg(arch) if timm.is_model(arch) else None
-    if cfg is None:
-        raise BitsweepError(f"unknown timm architecture {arch!r}; see `timm.list_models()` for valid names")
-    if cfg.fixed_input_size:
-        model_kwargs.setdefault("img_size", image_size)
-    return {**model_kwargs, "num_classes": num_classes, "in_chans": in_chans}
-
-
 def train_classifier(arch: str, data: ImageSet, recipe: TrainRecipe, seed: int,
                      model_kwargs: dict | None = None) -> torch.nn.Module:
     """Train ``arch`` on ``data``; the same inputs and thread count give a bitwise-identical state_dict.
