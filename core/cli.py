@@ -140,17 +140,14 @@ def quantize(
     """Quantize one timm model and print each layer's width and signal-to-quantization-noise ratio."""
     import torch
 
+    from bitsweep.models import ModelSpec
     from bitsweep.quantize import Policy, quantizable_layers, quantize_model
+    from bitsweep.registry import get_registry
     from bitsweep.schemes import QuantSpec
 
-    QuantSpec(scheme, bits, granularity, group_size)
-    from bitsweep.registry import get_registry
-
+    QuantSpec(scheme, bits, granularity, group_size)  # bad arguments fail before a model is built
     get_registry().get("scheme", scheme)
-    from bitsweep.models import ModelSpec
-
-    source = get_registry().get("model source", "timm")
-    fp32 = source.load(ModelSpec(name=model, pretrained=pretrained), None).module
+    fp32 = get_registry().get("model source", "timm").load(ModelSpec(name=model, pretrained=pretrained), None).module
     policy = Policy(keep_first=keep_first, keep_last=keep_last)
     quantized = quantize_model(fp32, scheme, bits, granularity, policy, group_size=group_size)
     table = Table("layer", "shape", "bits", "SQNR dB")
