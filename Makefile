@@ -12,3 +12,4 @@ test:
 bench:
 	scripts/setup.sh dev
 	.venv/bin/python bench/quantize.py
+	.venv/bin/python bench/kernels.py

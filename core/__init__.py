@@ -5,6 +5,8 @@ Public API (stable names)::
     bitsweep.schemes()                         # name -> Scheme
     bitsweep.quantize_tensor(w, scheme, bits, granularity="channel", group_size=None)
     bitsweep.quantize_model(model, scheme, bits, granularity="channel", policy=None)
+    bitsweep.compile_packed(quantized, path="weight-only" | "int8")   # runs from packed codes
+    bitsweep.save_packed(module, path) / bitsweep.load_packed(path, kernel="weight-only")
     bitsweep.hookimpl / bitsweep.hookspec      # for plugins
 """
 
@@ -22,6 +24,8 @@ hookspec = pluggy.HookspecMarker("bitsweep")
 
 from bitsweep.compress import Compressor, compress_file  # noqa: E402
 from bitsweep.errors import BitsweepError  # noqa: E402
+from bitsweep.compile import compile_packed  # noqa: E402
+from bitsweep.pack import PackedTensor, load_packed, save_packed  # noqa: E402
 from bitsweep.quantize import Policy, quantize_model  # noqa: E402
 from bitsweep.registry import get_registry  # noqa: E402
 from bitsweep.schemes import AffineScheme, QuantizedTensor, QuantSpec, Scheme, quantize_tensor  # noqa: E402
@@ -38,7 +42,7 @@ def compressors() -> dict[str, Compressor]:
 
 
 __all__ = [
-    "AffineScheme", "BitsweepError", "Compressor", "Policy", "QuantSpec", "QuantizedTensor", "Scheme",
-    "__version__", "compress_file", "compressors", "hookimpl", "hookspec", "quantize_model",
-    "quantize_tensor", "schemes",
+    "AffineScheme", "BitsweepError", "Compressor", "PackedTensor", "Policy", "QuantSpec", "QuantizedTensor",
+    "Scheme", "__version__", "compile_packed", "compress_file", "compressors", "hookimpl", "hookspec", "load_packed",
+    "quantize_model", "quantize_tensor", "save_packed", "schemes",
 ]

@@ -86,6 +86,7 @@ class Sweep(_Strict):
     group_size: int | None = Field(None, ge=1)
     policies: list[Annotated[Policy, BeforeValidator(_policy_entry)]] = [Policy(name="full")]
     compressors: list[CompressorName] = ["gzip", "7z", "zstd"]
+    kernels: list[Literal["weight-only", "int8"]] = Field(["weight-only"], min_length=1)
     evaluation: Evaluation = Evaluation()
     output: Path | None = None
 

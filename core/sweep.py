@@ -4,7 +4,8 @@ Every step writes files and returns small records, so an orchestrator (the Prefe
 flow in ``bitsweep.flows``) can run them anywhere and pass only paths around.
 A finished cell's row lives at ``cells/<key>/row.json``, where the key hashes the
 model's weights, the data, the cell and the bitsweep version: a rerun finds it and
-does nothing, and an interrupted sweep redoes only the cells without a row.
+does nothing, and an interrupted sweep redoes only the cells without a row. Cells that
+differ only in their kernel path share one packed file (``packed/<key>/``).
 """
 
 from __future__ import annotations
@@ -28,13 +29,16 @@ from bitsweep.config import Sweep
 from bitsweep.datasets import content_hash
 from bitsweep.evaluate import accuracy, fidelity, latency_batch1, predict
 from bitsweep.files import atomic_path
+from bitsweep.int8 import TRACING
 from bitsweep.models import LoadContext, ModelSpec, weights_hash
-from bitsweep.pack import code_entropy_bytes, load_codes, save_codes
+from bitsweep.pack import code_entropy_bytes, load_packed, save_packed
 from bitsweep.quantize import Policy, quantize_model
 from bitsweep.registry import get_registry
 
+CALIBRATION_IMAGES = 16
+
 COLUMNS = [
-    "sweep", "model", "scheme", "bits", "granularity", "group_size", "policy", "status", "error",
+    "sweep", "model", "scheme", "bits", "granularity", "group_size", "policy", "kernel", "compiled", "status", "error",
     "top1", "top5", "agreement", "kl", "drop_top1", "delta_acc_pct", "latency_b1_ms", "latency_batch_ms",
     "params", "quantized_layers", "bytes_stored", "entropy_bytes", "bytes_gzip", "bytes_7z", "bytes_zstd",
     "delta_size_pct", "seconds", "key",
@@ -69,12 +73,19 @@ class Cell(BaseModel):
     granularity: str
     group_size: int | None
     policy: Policy
+    kernel: str = "weight-only"
+
+    @property
+    def packing(self) -> Cell:
+        """The cell that makes this one's packed file: the same with the default kernel path."""
+        return self.model_copy(update={"kernel": "weight-only"})
 
     @property
     def label(self) -> str:
         extra = "" if self.granularity == "channel" else f" {self.granularity}"
         extra += f"{self.group_size}" if self.group_size else ""
         extra += "" if self.policy.label == "full" else f" {self.policy.label}"
+        extra += "" if self.kernel == "weight-only" else f" {self.kernel}"
         return f"{self.model} {self.scheme} {self.bits}b{extra}"
 
 
@@ -98,9 +109,9 @@ def expand_models(sweep: Sweep) -> list[ModelSpec]:
 
 def plan_cells(sweep: Sweep, model: str) -> list[Cell]:
     return [Cell(model=model, scheme=scheme, bits=bits, granularity=granularity,
-                 group_size=sweep.group_size if granularity == "group" else None, policy=policy)
+                 group_size=sweep.group_size if granularity == "group" else None, policy=policy, kernel=kernel)
             for scheme in sweep.schemes for bits in sweep.bits
-            for granularity in sweep.granularity for policy in sweep.policies]
+            for granularity in sweep.granularity for policy in sweep.policies for kernel in sweep.kernels]
 
 
 @functools.lru_cache(maxsize=8)
@@ -174,6 +185,7 @@ def prepare_model(sweep: Sweep, spec: ModelSpec) -> ModelRecord:
     params = sum(p.numel() for p in module.parameters())
     fp32_bytes = weights.stat().st_size
     row |= {"sweep": sweep.name, "model": spec.id, "scheme": "fp32", "bits": 32, "granularity": "", "policy": "",
+            "kernel": "fp32",
             "status": "ok", "params": params, "quantized_layers": 0, "bytes_stored": fp32_bytes,
             "drop_top1": 0.0 if "top1" in row else None, "delta_acc_pct": 0.0, "delta_size_pct": 0.0}
     row |= compress_sizes(sweep, weights)
@@ -198,36 +210,63 @@ def cached_row(sweep: Sweep, record: ModelRecord, cell: Cell) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def pack_dir(sweep: Sweep, record: ModelRecord, cell: Cell) -> Path:
+    packing = cell.packing
+    return sweep.run_dir / "packed" / f"{packing.label.replace(' ', '_')}-{cell_key(record, packing)[:10]}"
+
+
 def quantize_cell(sweep: Sweep, record: ModelRecord, cell: Cell) -> dict:
-    """The quantize and pack steps: a codes file for the cell, and what it holds."""
+    """The quantize and pack steps: the cell's packed n-bit file, and what it holds (made once)."""
+    folder = pack_dir(sweep, record, cell)
+    if (folder / "packed.json").exists():
+        return json.loads((folder / "packed.json").read_text())
     quantized = quantize_model(fp32_module(record), cell.scheme, cell.bits, cell.granularity, cell.policy,
                                group_size=cell.group_size)
-    path = save_codes(quantized, record.arch, record.arch_kwargs, cell_dir(sweep, record, cell) / "codes.safetensors")
-    return {"codes": str(path), "quantized_layers": len(quantized.quantized_layers),
+    path = save_packed(quantized, folder / "model.safetensors", record.arch, record.arch_kwargs)
+    info = {"packed": str(path), "quantized_layers": len(quantized.quantized_layers),
             "bytes_stored": path.stat().st_size, "entropy_bytes": code_entropy_bytes(quantized)}
+    _write_json(folder / "packed.json", info)  # last: its presence means the packed file is complete
+    return info
 
 
-def evaluate_cell(sweep: Sweep, record: ModelRecord, codes: str) -> dict:
-    """The evaluate step, on the model rebuilt from its codes file."""
-    module = load_codes(Path(codes))
+def compile_kernels() -> dict:
+    """The compile step: build (or find in the cache) this machine's packed kernels."""
+    from bitsweep.kernels import extension
+
+    return {"compiled": extension() is not None}
+
+
+def evaluate_cell(sweep: Sweep, record: ModelRecord, cell: Cell, packed: str) -> dict:
+    """The evaluate step, on the model rebuilt from its packed file and run on the cell's kernel path."""
+    from bitsweep.kernels import extension
+
+    data = eval_data(sweep, fp32_module(record))
+    # The int8 path's activation ranges come from a few of the sweep's own images (labels unused).
+    calibration = [data.images[:CALIBRATION_IMAGES]] if cell.kernel == "int8" else None
+    module = load_packed(Path(packed), cell.kernel, calibration=calibration)
     reference = load_file(record.dir / "fp32_logits.safetensors")["logits"]
-    row, _ = _measure(sweep, module, eval_data(sweep, module), reference)
-    return row
+    with TRACING.shared():  # an int8 conversion in another thread must not trace this model's calls
+        row, _ = _measure(sweep, module, data, reference)
+    return row | {"compiled": extension() is not None}
 
 
 def compress_sizes(sweep: Sweep, path: Path) -> dict:
     """The compress step: archive ``path`` with each of the sweep's compressors; bytes of each."""
-    return {f"bytes_{name}": compress_file(Path(path), name).stat().st_size for name in sweep.compressors}
+    sizes = {}
+    for name in sweep.compressors:
+        suffix = get_registry().get("compressor", name).suffix
+        archive = Path(f"{path}{suffix}")  # archives are written atomically: one that exists is whole
+        sizes[f"bytes_{name}"] = (archive if archive.exists() else compress_file(Path(path), name)).stat().st_size
+    return sizes
 
 
 def finish_cell(sweep: Sweep, record: ModelRecord, cell: Cell, packed: dict, metrics: dict, sizes: dict,
                 seconds: float) -> dict:
     """Assemble the cell's row, with deltas against fp32 as in the paper's tables, and keep it."""
     base = record.baseline
-    row = {"sweep": sweep.name, "model": cell.model, "scheme": cell.scheme, "bits": cell.bits,
-           "granularity": cell.granularity, "group_size": cell.group_size, "policy": cell.policy.label,
-           "status": "ok", "params": record.params, "key": cell_key(record, cell), "seconds": seconds}
-    row |= {k: v for k, v in packed.items() if k != "codes"} | metrics | sizes
+    row = _identity(sweep, cell) | {"status": "ok", "params": record.params, "key": cell_key(record, cell),
+                                    "seconds": seconds}
+    row |= {k: v for k, v in packed.items() if k != "packed"} | metrics | sizes
     if "top1" in row:
         row["drop_top1"] = base["top1"] - row["top1"]
         row["delta_acc_pct"] = 100 * row["drop_top1"] / base["top1"] if base["top1"] else None
@@ -238,10 +277,14 @@ def finish_cell(sweep: Sweep, record: ModelRecord, cell: Cell, packed: dict, met
     return row
 
 
-def failed_row(sweep: Sweep, cell: Cell, error: str) -> dict:
+def _identity(sweep: Sweep, cell: Cell) -> dict:
     return {"sweep": sweep.name, "model": cell.model, "scheme": cell.scheme, "bits": cell.bits,
             "granularity": cell.granularity, "group_size": cell.group_size, "policy": cell.policy.label,
-            "status": "failed", "error": error}
+            "kernel": cell.kernel}
+
+
+def failed_row(sweep: Sweep, cell: Cell, error: str) -> dict:
+    return _identity(sweep, cell) | {"status": "failed", "error": error}
 
 
 def write_results(sweep: Sweep, rows: list[dict]) -> Path:

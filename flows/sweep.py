@@ -1,6 +1,6 @@
 """The sweep as a Prefect flow, shaped like the pipeline:
 
-    load model ─► fp32 baseline ─► for each cell: quantize+pack ─► evaluate ∥ compress ─► row ─► results
+    load model ─► fp32 baseline ─► compile kernels ─► for each cell: quantize+pack ─► evaluate ∥ compress ─► row ─► results
 
 Tasks pass paths and small records; the work is plain functions in ``bitsweep.sweep``.
 Finished models and cells are found on disk and never submitted again.
@@ -50,13 +50,18 @@ def quantize(sweep: Sweep, record: steps.ModelRecord, cell: steps.Cell) -> dict:
 
 
 @_task
-def evaluate(sweep: Sweep, record: steps.ModelRecord, cell: steps.Cell, codes: str) -> dict:
-    return _timed(steps.evaluate_cell, sweep, record, codes)
+def compile_kernels() -> dict:
+    return _timed(steps.compile_kernels)
 
 
 @_task
-def compress(sweep: Sweep, cell: steps.Cell, codes: str) -> dict:
-    return _timed(steps.compress_sizes, sweep, codes)
+def evaluate(sweep: Sweep, record: steps.ModelRecord, cell: steps.Cell, packed: str) -> dict:
+    return _timed(steps.evaluate_cell, sweep, record, cell, packed)
+
+
+@_task
+def compress(sweep: Sweep, cell: steps.Cell, packed: str) -> dict:
+    return _timed(steps.compress_sizes, sweep, packed)
 
 
 def _named(step, cell: steps.Cell):
@@ -74,43 +79,56 @@ def _load_models(sweep: Sweep) -> list[steps.ModelRecord]:
 
 
 def _run_cells(sweep: Sweep, records: list[steps.ModelRecord], progress: Callable[[dict], None]) -> list[dict]:
-    """Quantize every missing cell, then evaluate and compress its codes file side by side."""
+    """Quantize and pack each missing cell once, then evaluate it on each kernel path while its
+    packed file is compressed."""
     torch.set_num_threads(sweep.evaluation.threads)
-    rows, running, parts = [], {}, {}
+    rows, running, parts, waiting = [], {}, {}, {}
     for record in records:
         for cell in steps.plan_cells(sweep, record.model):
             cached = steps.cached_row(sweep, record, cell)
             if cached:
                 rows.append(cached)
                 progress(cached)
-            else:
-                running[_named(quantize, cell).submit(sweep, record, cell)] = ("quantize", record, cell)
-    while running:
-        future = next(as_completed(list(running)))
-        stage, record, cell = running.pop(future)
-        if cell.label in parts and parts[cell.label] is None:
-            continue  # a sibling step of this cell already failed
-        try:
-            result = future.result()
-        except Exception as exc:
+                continue
+            packing = cell.packing
+            if packing.label not in waiting:
+                waiting[packing.label] = []
+                running[_named(quantize, packing).submit(sweep, record, packing)] = ("quantize", record, packing)
+            waiting[packing.label].append(cell)
+
+    def fail(cells, stage, exc):
+        for cell in cells:
             parts[cell.label] = None
             row = steps.failed_row(sweep, cell, f"{stage}: {type(exc).__name__}: {exc}")
             get_run_logger().error(f"{cell.label}: {row['error']}")
             rows.append(row)
             progress(row)
+
+    while running:
+        future = next(as_completed(list(running)))
+        stage, record, cell = running.pop(future)
+        cells = waiting[cell.label] if stage in ("quantize", "compress") else [cell]
+        cells = [c for c in cells if parts.get(c.label, {}) is not None]  # skip cells whose sibling step failed
+        try:
+            result = future.result()
+        except Exception as exc:
+            fail(cells, stage, exc)
             continue
         if stage == "quantize":
-            parts[cell.label] = {"quantize": result}
-            running[_named(evaluate, cell).submit(sweep, record, cell, result["codes"])] = ("evaluate", record, cell)
-            running[_named(compress, cell).submit(sweep, cell, result["codes"])] = ("compress", record, cell)
+            for each in cells:
+                parts[each.label] = {"quantize": dict(result)}
+                running[_named(evaluate, each).submit(sweep, record, each, result["packed"])] = ("evaluate", record, each)
+            running[_named(compress, cell).submit(sweep, cell, result["packed"])] = ("compress", record, cell)
             continue
-        done = parts[cell.label]
-        done[stage] = result
-        if len(done) == 3:
-            seconds = sum(part.pop("step_seconds") for part in done.values())
-            row = steps.finish_cell(sweep, record, cell, done["quantize"], done["evaluate"], done["compress"], seconds)
-            rows.append(row)
-            progress(row)
+        for each in cells:
+            parts[each.label][stage] = dict(result)
+            done = parts[each.label]
+            if len(done) == 3:
+                seconds = sum(part.pop("step_seconds") for part in done.values())
+                row = steps.finish_cell(sweep, record, each, done["quantize"], done["evaluate"], done["compress"],
+                                        seconds)
+                rows.append(row)
+                progress(row)
     return rows
 
 
@@ -135,6 +153,7 @@ def _markdown_summary(sweep: Sweep, rows: list[dict]) -> str:
 def run_sweep(sweep: Sweep) -> list[dict]:
     """One sweep inside the flow: models, cells, results files and Prefect artifacts."""
     records = _load_models(sweep)
+    compile_kernels.with_options(task_run_name="compile kernels")()
     total = len(records) * len(steps.plan_cells(sweep, ""))
     progress_id = create_progress_artifact(0.0, key=f"{sweep.name}-progress", description=f"cells of {sweep.name}")
     finished = []
@@ -146,11 +165,13 @@ def run_sweep(sweep: Sweep) -> list[dict]:
             on_row(row, total)
 
     cells = _run_cells(sweep, records, progress)
-    plan = {(c.scheme, c.bits, c.granularity, c.policy.label): i for i, c in enumerate(steps.plan_cells(sweep, ""))}
+    plan = {(c.scheme, c.bits, c.granularity, c.policy.label, c.kernel): i
+            for i, c in enumerate(steps.plan_cells(sweep, ""))}
     rows = []
     for record in records:  # table order: each model's fp32 row, then its cells in plan order
         mine = [r for r in cells if r["model"] == record.model]
-        rows += [record.baseline, *sorted(mine, key=lambda r: plan[r["scheme"], r["bits"], r["granularity"], r["policy"]])]
+        rows += [record.baseline, *sorted(mine, key=lambda r: plan[r["scheme"], r["bits"], r["granularity"], r["policy"],
+                                                                    r.get("kernel", "weight-only")])]
     steps.write_results(sweep, rows)
     create_table_artifact([{k: r.get(k) for k in steps.COLUMNS} for r in rows], key=f"{sweep.name}-results",
                           description=f"results of sweep {sweep.name}")

@@ -5,9 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages: the standard compressors (their tools read our archives back) and
-# Fashion-MNIST, the real labelled images the default sweep runs on.
-apt_packages=(p7zip-full zstd gzip dataset-fashion-mnist)
+# Debian packages: the standard compressors (their tools read our archives back),
+# Fashion-MNIST (the real labelled images the default sweep runs on) and a C++ compiler
+# for the packed-weight kernels, which are built on this machine the first time they run.
+apt_packages=(p7zip-full zstd gzip dataset-fashion-mnist g++)
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")

@@ -10,6 +10,8 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="bitsweep-prefect-
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+# The packed kernels are built once per test session (subprocesses inherit the folder), not in the user cache.
+os.environ.setdefault("BITSWEEP_KERNELS_DIR", tempfile.mkdtemp(prefix="bitsweep-kernels-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -76,10 +76,14 @@ def test_flow_rows_then_rerun_executes_no_step(tmp_path, monkeypatch, prefect_ha
     for row in rows:
         assert row["bytes_zstd"] > 0 and row["bytes_gzip"] > 0 and 0 <= row["agreement"] <= 100
         if row["scheme"] != "fp32":
-            assert row["bytes_stored"] < base["bytes_stored"] / 2, "codes take one byte per weight, not four"
+            assert row["bytes_stored"] < base["bytes_stored"] / 2, "codes are packed, not one float per weight"
+            assert row["kernel"] == "weight-only" and row["compiled"] is True
             assert row["drop_top1"] == pytest.approx(base["top1"] - row["top1"])
             assert row["delta_size_pct"] == pytest.approx(100 * (1 - row["bytes_stored"] / base["bytes_stored"]))
             assert row["quantized_layers"] == (18 if row["policy"] == "full" else 17)  # test_efficientnet has 18
+    for row in (r for r in rows if r["bits"] == 4):
+        eight = next(r for r in rows if r["bits"] == 8 and (r["scheme"], r["policy"]) == (row["scheme"], row["policy"]))
+        assert row["bytes_stored"] < eight["bytes_stored"] - row["params"] * 3 / 8, "4 bits fewer per weight"
     eight = [r for r in rows if r["bits"] == 8 and r["scheme"] == "asymmetric"]
     assert all(r["agreement"] >= 95 for r in eight)
     written = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -172,6 +176,21 @@ def test_killed_sweep_resumes_to_the_same_rows(tmp_path):
     reference = json.loads((reference_dir / "run" / "results.json").read_text())
     assert len(resumed) == 21 and stable(resumed) == stable(reference)
     assert not list(resumed_dir.rglob("*.tmp")) or all(p.stat().st_size >= 0 for p in resumed_dir.rglob("*.tmp"))
+
+
+def test_kernel_paths_share_one_packed_file(tmp_path, monkeypatch, prefect_harness, counted_steps):
+    from bitsweep.flows.sweep import sweep_flow
+
+    monkeypatch.setenv("BITSWEEP_CACHE", str(tmp_path / "cache"))
+    config = yaml.safe_load(write_config(tmp_path, schemes=("symmetric",), bits=(8,)).read_text())
+    config["sweeps"][0] |= {"kernels": ["weight-only", "int8"], "policies": ["full"]}
+    (tmp_path / "flows.yaml").write_text(yaml.safe_dump(config))
+    rows = sweep_flow(config_path=str(tmp_path / "flows.yaml"))
+    assert counted_steps == {"prepare_model": 1, "quantize_cell": 1, "evaluate_cell": 2, "compress_sizes": 2}
+    weight_only, int8 = (next(r for r in rows if r.get("kernel") == k) for k in ("weight-only", "int8"))
+    assert weight_only["bytes_stored"] == int8["bytes_stored"] and weight_only["key"] != int8["key"]
+    assert weight_only["agreement"] >= 95 and int8["agreement"] >= 80 and int8["latency_b1_ms"] > 0
+    assert len(list((tmp_path / "run" / "packed").glob("*/model.safetensors"))) == 1
 
 
 def test_plan_covers_the_grid(tmp_path):

@@ -1,0 +1,225 @@
+"""Speed of the packed n-bit kernels against fp32, one core by default.
+
+    taskset -c 0 .venv/bin/python bench/kernels.py            # Linear table; exit 1 if a target is missed
+    taskset -c 0 .venv/bin/python bench/kernels.py --quick    # Linear: 4096x4096 batch 1 only
+    taskset -c 0 .venv/bin/python bench/kernels.py --only memory|models|linear
+
+Linear: every layer's weights are cold (``LAYERS`` distinct layers are cycled, far more than
+the caches hold), as in a real model where each weight is read once per token. fp32
+``F.linear``, the packed kernel and (4-bit) PyTorch's int4pack kernel with bf16 activations
+run alternately on the same layer index, so load from other processes hits all of them alike;
+each figure is the median over all calls.
+
+Whole models (batch 1): fp32 eager, the weight-only packed path and the int8 path
+(``int8_models.py``). Memory: after ``load_packed``, the bytes of every tensor storage the
+weight-only model holds, against the packed file's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import bitsweep
+from bitsweep import kernels
+from bitsweep.pack import pack_bits
+
+SHAPES = ((768, 3072), (3072, 768), (4096, 4096))  # (N, K): out x in features
+BATCHES = (1, 8, 64)
+SCHEMES = ("asymmetric", "symmetric", "pow2")
+WIDTHS = tuple(range(2, 9))
+LAYERS = 40
+INT4_GROUP = 128
+
+
+def linear_target(batch: int, bits: int) -> float:
+    """Speed-up over fp32 ``F.linear`` the packed kernel must reach (cold weights)."""
+    if batch == 1:
+        return 6.0 if bits in (3, 4) else 3.0
+    return 1.5 if batch <= 8 else 0.9
+
+
+def _packed_layers(n: int, k: int, bits: int, scheme: str, layers: int) -> list[kernels.KernelWeight]:
+    """``layers`` packed weights with random codes, per-channel scales, the scheme's level table."""
+    codec = bitsweep.schemes()[scheme]
+    qmin, qmax = codec.code_range(bits)
+    codes = torch.arange(qmin, qmin + 2**bits)
+    lut = codec.decode(codes, torch.ones(()), torch.zeros(()), bits).to(torch.float32)
+    # Codes the scheme can emit (pow2 never stores the top pattern), prepared once and copied, so
+    # every layer's bytes live at their own addresses.
+    u = torch.randint(0, qmax - qmin + 1, (n * k,), dtype=torch.uint8)
+    scale = torch.rand(n, 1) * 0.01 + 1e-3
+    zero = torch.zeros(n, 1) if scheme != "asymmetric" else torch.randint(0, 2**bits, (n, 1)).float()
+    first = kernels.KernelWeight.build(pack_bits(u, bits), n, k, bits, lut, scale, zero, k)
+    weights = [dataclasses.replace(first, codes=first.codes.clone()) for _ in range(layers)]
+    return weights
+
+
+def _int4_layers(n: int, k: int, layers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out = []
+    for _ in range(layers):
+        q = torch.randint(0, 16, (n, k), dtype=torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        out.append((packed, torch.rand(k // INT4_GROUP, n, 2).bfloat16()))
+    return out
+
+
+def _alternate(calls: dict[str, callable], layers: int, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each ``calls[key](layer)``, run alternately layer by layer."""
+    times = {key: [] for key in calls}
+    with torch.no_grad():
+        for fn in calls.values():  # warm-up: builds, first-touch page faults, thread pools
+            for layer in range(layers):
+                fn(layer)
+        for _ in range(repeats):
+            for layer in range(layers):
+                for key, fn in calls.items():
+                    start = time.perf_counter()
+                    fn(layer)
+                    times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
+def linear_rows(n: int, k: int, batches=BATCHES, schemes=SCHEMES, widths=WIDTHS, layers: int = LAYERS,
+                repeats: int = 5) -> list[dict]:
+    """One row per (batch, scheme, width) for the ``[n, k]`` Linear."""
+    torch.manual_seed(0)
+    base = torch.randn(n, k)
+    dense = [base.clone() for _ in range(layers)]
+    int4 = _int4_layers(n, k, layers) if 4 in widths else None
+    rows = []
+    for scheme in schemes:
+        for bits in widths:
+            packed = _packed_layers(n, k, bits, scheme, layers)
+            for batch in batches:
+                x = torch.randn(batch, k)
+                xb = x.bfloat16()
+                calls = {"fp32": lambda i: F.linear(x, dense[i]), "packed": lambda i: packed[i].linear(x)}
+                if bits == 4:
+                    calls["int4"] = lambda i: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, int4[i][0], INT4_GROUP,
+                                                                                        int4[i][1])
+                t = _alternate(calls, layers, repeats)
+                speedup = t["fp32"] / t["packed"]
+                target = linear_target(batch, bits)
+                ok = speedup >= target and (batch != 1 or "int4" not in t or t["packed"] <= t["int4"])
+                rows.append({"shape": f"{n}x{k}", "batch": batch, "scheme": scheme, "bits": bits,
+                             "fp32_ms": t["fp32"] * 1e3, "packed_ms": t["packed"] * 1e3, "speedup": speedup,
+                             "int4_bf16_ms": t["int4"] * 1e3 if "int4" in t else None, "target": target, "ok": ok})
+            del packed
+    return rows
+
+
+def linear_table(threads: int = 1, shapes=SHAPES, **kwargs) -> list[dict]:
+    """The Linear speed table: every shape x batch x scheme x width, with its target and verdict."""
+    torch.set_num_threads(threads)
+    return [row for n, k in shapes for row in linear_rows(n, k, **kwargs)]
+
+
+LINEAR_HEADER = (f"{'shape':>10} {'batch':>5} {'scheme':>10} {'bits':>4} {'fp32 ms':>8} {'packed ms':>9} "
+                 f"{'speed-up':>8} {'int4 bf16':>9} {'target':>6}  ok")
+
+
+def print_linear(rows: list[dict]) -> None:
+    for r in rows:
+        int4 = f"{r['int4_bf16_ms']:9.3f}" if r["int4_bf16_ms"] is not None else f"{'':>9}"
+        print(f"{r['shape']:>10} {r['batch']:>5} {r['scheme']:>10} {r['bits']:>4} {r['fp32_ms']:8.3f} "
+              f"{r['packed_ms']:9.3f} {r['speedup']:7.2f}x {int4} {r['target']:5.1f}x  {'yes' if r['ok'] else 'NO'}",
+              flush=True)
+
+
+# --- whole models -------------------------------------------------------------------------
+
+MODELS = ("resnet18", "mobilenetv3_large_100", "vit_tiny_patch16_224")
+MODEL_TARGETS = {"resnet18": 3.0, "mobilenetv3_large_100": 3.0, "vit_tiny_patch16_224": 1.5}
+
+
+def resident_bytes(module: torch.nn.Module) -> int:
+    """Bytes of every distinct tensor storage the module holds: parameters, buffers and packed codes."""
+    from bitsweep.compile import PackedConv, PackedLinear
+
+    tensors = [*module.parameters(), *module.buffers()]
+    for layer in module.modules():
+        if isinstance(layer, PackedLinear | PackedConv):
+            held = (*vars(layer.meta).values(), *vars(layer.kernel).values())
+            tensors += [t for t in held if isinstance(t, torch.Tensor)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def memory_table(bits: int = 4) -> list[dict]:
+    """After ``load_packed``: resident weight bytes of the weight-only path against the file's size."""
+    import tempfile
+    from pathlib import Path
+
+    import timm
+
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for arch in MODELS:
+            model = timm.create_model(arch, pretrained=False).eval()
+            path = bitsweep.save_packed(bitsweep.quantize_model(model, "symmetric", bits), Path(folder) / f"{arch}.st")
+            del model
+            loaded = bitsweep.load_packed(path)
+            size, resident = path.stat().st_size, resident_bytes(loaded)
+            rows.append({"model": arch, "bits": bits, "file MB": size / 1e6, "resident MB": resident / 1e6,
+                         "ratio": resident / size, "target": 1.1, "ok": resident <= 1.1 * size})
+    return rows
+
+
+def model_table(threads: int = 1) -> list[dict]:
+    """Whole models at batch 1: fp32 eager, the weight-only packed path and the int8 path."""
+    from int8_models import measure
+
+    rows = measure(list(MODELS), threads=threads)
+    for row in rows:
+        row["target"] = MODEL_TARGETS[row["model"]]
+        row["ok"] = row["speedup"] >= row["target"]
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="only 4096x4096 at batch 1")
+    parser.add_argument("--only", choices=("linear", "models", "memory"), help="one table instead of all three")
+    args = parser.parse_args(argv)
+    if kernels.extension() is None:
+        print("compiled kernels unavailable: nothing to measure", file=sys.stderr)
+        return 1
+    torch.set_num_threads(args.threads)
+    missed = 0
+    if args.only in (None, "memory"):
+        rows = memory_table()
+        print(f"{'model':>22} {'bits':>4} {'file MB':>8} {'resident MB':>11} {'ratio':>6} {'target':>6}  ok")
+        for r in rows:
+            print(f"{r['model']:>22} {r['bits']:>4} {r['file MB']:8.2f} {r['resident MB']:11.2f} {r['ratio']:6.3f} "
+                  f"{r['target']:6.1f}  {'yes' if r['ok'] else 'NO'}", flush=True)
+        missed += sum(not r["ok"] for r in rows)
+    if args.only in (None, "models"):
+        rows = model_table(args.threads)
+        print(f"\n{'model':>22} {'fp32 ms':>8} {'weight-only ms':>14} {'int8 ms':>8} {'int8 speed-up':>13} "
+              f"{'target':>6}  ok")
+        for r in rows:
+            print(f"{r['model']:>22} {r['fp32_ms']:8.1f} {r['weight_only_ms']:14.1f} {r['int8_ms']:8.1f} "
+                  f"{r['speedup']:12.2f}x {r['target']:5.1f}x  {'yes' if r['ok'] else 'NO'}", flush=True)
+        missed += sum(not r["ok"] for r in rows)
+    if args.only in (None, "linear"):
+        shapes, batches = (((4096, 4096),), (1,)) if args.quick else (SHAPES, BATCHES)
+        print("\n" + LINEAR_HEADER, flush=True)
+        rows = []
+        for n, k in shapes:
+            rows += linear_rows(n, k, batches=batches)
+            print_linear(rows[-len(batches) * len(SCHEMES) * len(WIDTHS):])
+        print(f"\n{sum(r['ok'] for r in rows)}/{len(rows)} Linear targets met")
+        missed += sum(not r["ok"] for r in rows)
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""The packed n-bit kernels: decode bit for bit as the schemes decode, Linear to float32 rounding,
+the same answers from the pure-PyTorch fallback, one warning when the build fails, and a Python
+exception (never a crash) for bad arguments. No timing here: see bench/kernels.py."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bitsweep
+from bitsweep import kernels
+from bitsweep.pack import pack_bits
+
+BITS = range(2, 9)
+SCHEMES = ["asymmetric", "symmetric", "pow2"]
+# (N, K, group): per channel (group = K) with rows that are not whole bytes, whole 256-code blocks
+# and a tail; groups that are a multiple of 8 (dividing K or not) and groups that are not.
+SHAPES = [(13, 300, 300), (6, 512, 512), (5, 37, 37), (9, 517, 64), (6, 777, 24), (7, 1000, 100), (5, 37, 5)]
+BATCHES = (1, 2, 3, 8, 64)
+
+
+def rel_err(y, ref):
+    y, ref = y.double(), ref.double()  # norms of large activations overflow float32
+    return ((y - ref).norm() / ref.norm()).item()
+
+
+def make_case(scheme, bits, n, k, group, seed=0):
+    """Random codes (every pattern of the width) with per-group scales and zero points, the scheme's
+    level table, and the weight the scheme itself decodes them to."""
+    gen = torch.Generator().manual_seed(seed)
+    codec = bitsweep.schemes()[scheme]
+    qmin, _ = codec.code_range(bits)
+    lut = codec.decode(torch.arange(qmin, qmin + 2**bits), torch.ones(()), torch.zeros(()), bits).float()
+    u = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8, generator=gen)
+    groups = math.ceil(k / group)
+    scale = torch.rand(n, groups, generator=gen) + 0.5
+    zero = torch.zeros(n, groups)
+    if scheme == "asymmetric":
+        zero = torch.randint(0, 2**bits, (n, groups), generator=gen).float()
+    per_k = torch.arange(k) // group
+    weight = codec.decode(u.int() + qmin, scale[:, per_k], zero[:, per_k], bits)
+    packed = kernels.KernelWeight.build(pack_bits(u, bits), n, k, bits, lut, scale, zero, group)
+    return packed, weight
+
+
+@pytest.fixture
+def fresh_extension():
+    """Forget the loaded module before and after, so environment changes take effect and do not leak."""
+    kernels.extension.cache_clear()
+    yield
+    kernels.extension.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def ext():
+    module = kernels.extension()
+    assert module is not None, "the C++ kernels did not build here (scripts/setup.sh installs g++)"
+    return module
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("bits", BITS)
+def test_decode_is_bit_exact_and_linear_matches_f_linear(ext, scheme, bits, monkeypatch):
+    for i, (n, k, group) in enumerate(SHAPES):
+        w, weight = make_case(scheme, bits, n, k, group, seed=bits * 100 + i)
+        assert w.compiled
+        assert torch.equal(w.decode(), weight), (n, k, group)
+        for batch in BATCHES:
+            x = torch.randn(batch, k)
+            ref = F.linear(x, weight)
+            assert rel_err(w.linear(x), ref) < 1e-5, (n, k, group, batch)
+        # Batches beyond FUSED_MAX_BATCH: slices decoded for the BLAS.
+        monkeypatch.setattr(kernels, "FUSED_MAX_BATCH", 0)
+        for batch in (1, 64):
+            x = torch.randn(batch, k)
+            assert rel_err(w.linear(x), F.linear(x, weight)) < 1e-5, (n, k, group, batch)
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_linear_holds_for_large_small_and_zero_activations(ext, scheme):
+    w, weight = make_case(scheme, 4, 8, 600, 600)
+    for factor in (1e30, 1e-20, 1.0):
+        x = torch.randn(3, 600) * factor
+        assert rel_err(w.linear(x), F.linear(x, weight)) < 1e-5, factor
+    assert torch.equal(w.linear(torch.zeros(2, 600)), torch.zeros(2, 8))
+
+
+def test_linear_ignores_flush_denormal_mode(ext):
+    w, weight = make_case("asymmetric", 4, 8, 600, 600)
+    x = torch.randn(2, 600)
+    ref = F.linear(x, weight)
+    torch.set_flush_denormal(True)  # the kernels' subnormal levels must not read as zero
+    try:
+        assert rel_err(w.linear(x), ref) < 1e-5
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def test_prepared_codes_stay_the_size_of_the_file(ext):
+    for bits in BITS:
+        n, k = 96, 1000
+        data = pack_bits(torch.randint(0, 2**bits, (n * k,), dtype=torch.uint8), bits)
+        prepared = ext.prepare(data, n, k, bits)
+        assert prepared.numel() <= data.numel() + 8
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_pure_pytorch_fallback_gives_the_same_results(ext, scheme, monkeypatch, fresh_extension):
+    cases = [(bits, shape) for bits in (3, 4, 7) for shape in SHAPES[:5]]
+    xs = [torch.randn(3, shape[1]) for _, shape in cases]
+    compiled = []
+    for (bits, shape), x in zip(cases, xs):
+        fast, weight = make_case(scheme, bits, *shape, seed=bits)
+        compiled.append((fast.linear(x), weight))
+    monkeypatch.setenv("BITSWEEP_KERNELS", "python")
+    kernels.extension.cache_clear()
+    assert kernels.extension() is None
+    for (bits, shape), x, (fast_y, weight) in zip(cases, xs, compiled):
+        slow, _ = make_case(scheme, bits, *shape, seed=bits)
+        assert not slow.compiled
+        assert torch.equal(slow.decode(), weight)
+        assert rel_err(slow.linear(x), F.linear(x, weight)) < 1e-5
+        assert rel_err(slow.linear(x), fast_y) < 1e-5
+
+
+def test_failed_build_falls_back_with_one_warning(tmp_path, monkeypatch, fresh_extension):
+    broken = tmp_path / "kernels.cpp"
+    broken.write_text("this is not C++ {\n")
+    monkeypatch.setattr(kernels, "SOURCE", broken)
+    monkeypatch.setenv("BITSWEEP_KERNELS_DIR", str(tmp_path / "kernels"))
+    kernels.extension.cache_clear()
+    with pytest.warns(kernels.KernelWarning) as record:
+        assert kernels.extension() is None
+        w, weight = make_case("asymmetric", 3, 5, 40, 40)
+        x = torch.randn(2, 40)
+        assert rel_err(w.linear(x), F.linear(x, weight)) < 1e-5
+    assert len([r for r in record if issubclass(r.category, kernels.KernelWarning)]) == 1
+    assert not w.compiled
+
+
+BAD_CALLS = {
+    "x of the wrong width": lambda e, a: e.linear(torch.randn(2, 41), *a["linear"]),
+    "x not float32": lambda e, a: e.linear(torch.randn(2, 40).double(), *a["linear"]),
+    "x not 2-D": lambda e, a: e.linear(torch.randn(40), *a["linear"]),
+    "codes too short": lambda e, a: e.linear(torch.randn(2, 40), a["codes"][:-1], *a["linear"][1:]),
+    "bits out of range": lambda e, a: e.decode(a["codes"], 5, 40, 9, *a["decode"][4:]),
+    "lut too short": lambda e, a: e.decode(a["codes"], 5, 40, 3, a["lut"][:4], *a["decode"][5:]),
+    "scale of the wrong size": lambda e, a: e.decode(a["codes"], 5, 40, 3, a["lut"], torch.ones(3), a["zero"], 40),
+    "group of zero": lambda e, a: e.decode(a["codes"], 5, 40, 3, a["lut"], a["scale"], a["zero"], 0),
+    "fused groups not of 8": lambda e, a: e.linear(torch.randn(2, 40), a["codes"], 5, 40, 3, a["lut"], True,
+                                                   torch.ones(5, 4), torch.zeros(5, 4), 10),
+    "data of the wrong length": lambda e, a: e.prepare(torch.zeros(14, dtype=torch.uint8), 5, 40, 3),
+    "negative rows": lambda e, a: e.prepare(torch.zeros(15, dtype=torch.uint8), -5, 40, 3),
+    "data not uint8": lambda e, a: e.prepare(torch.zeros(15, dtype=torch.int32), 5, 40, 3),
+}
+
+
+@pytest.mark.parametrize("call", BAD_CALLS, ids=list(BAD_CALLS))
+def test_bad_arguments_raise_instead_of_crashing(ext, call):
+    w, _ = make_case("asymmetric", 3, 5, 40, 40)
+    args = {"codes": w.codes, "lut": w.lut, "scale": w.scale, "zero": w.zero,
+            "linear": (w.codes, 5, 40, 3, w.lut, True, w.scale, w.zero, 40),
+            "decode": (w.codes, 5, 40, 3, w.lut, w.scale, w.zero, 40)}
+    with pytest.raises((RuntimeError, TypeError, ValueError)):
+        BAD_CALLS[call](ext, args)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_any_level_table(ext, bits):
+    """A plugin's levels are arbitrary floats: the table path, blocks and tail, at every width."""
+    gen = torch.Generator().manual_seed(bits)
+    lut = torch.randn(2**bits, generator=gen)
+    for n, k in ((8, 256), (6, 300), (5, 40)):
+        u = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8, generator=gen)
+        scale = torch.rand(n, 1, generator=gen) + 0.5
+        w = kernels.KernelWeight.build(pack_bits(u, bits), n, k, bits, lut, scale, torch.zeros(n, 1), k)
+        weight = lut[u.long()] * scale
+        assert torch.equal(w.decode(), weight)
+        for batch in (1, 3):
+            x = torch.randn(batch, k, generator=gen)
+            assert rel_err(w.linear(x), F.linear(x, weight)) < 1e-5, (n, k, batch)
+
