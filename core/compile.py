@@ -54,7 +54,8 @@ def kernel_weight(packed: PackedTensor) -> KernelWeight:
     weight = KernelWeight.build(packed.data, n, k, packed.bits, lut, scale.contiguous(), zero.contiguous(), group)
     if not torch.equal(weight.decode(), packed.dequantize().to(torch.float32).reshape(n, k)):
         raise BitsweepError(f"scheme {packed.scheme!r} does not decode as scale * (level - zero_point), which the "
-                            "packed kernels need; evaluate it with the fake-quantized model instead")
+                            "packed kernels need; ask its author to decode that way, or run quantize_model's "
+                            "fake-quantized model")
     return weight
 
 
@@ -161,7 +162,6 @@ def compile_layers(model: nn.Module, layers: dict[str, PackedTensor], kernel: st
         result = model
         layers = PackedLayers(model, list(layers))
     result.quantized_layers = layers
-    result.kernel_path = kernel
     return result.eval()
 
 

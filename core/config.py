@@ -91,6 +91,15 @@ class Sweep(_Strict):
     output: Path | None = None
 
     @model_validator(mode="after")
+    def _no_repeats(self):
+        for key in ("schemes", "bits", "granularity", "compressors", "kernels"):
+            values = getattr(self, key)
+            repeated = sorted({str(v) for v in values if values.count(v) > 1})
+            if repeated:
+                raise ValueError(f"{key} lists {', '.join(repeated)} more than once")
+        return self
+
+    @model_validator(mode="after")
     def _group_size_with_group(self):
         if ("group" in self.granularity) != (self.group_size is not None):
             raise ValueError("group_size is needed exactly when granularity lists 'group'")

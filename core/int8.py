@@ -126,38 +126,52 @@ class SharedLock:
     """Many holders of ``shared()`` at once, or one of ``exclusive()``.
 
     FX tracing patches ``nn.Module.__call__`` for the whole process while it runs, so a
-    forward pass in another thread would be traced into the graph (or fail). ``to_int8``
-    holds ``TRACING.exclusive()``; threads that run models concurrently with it (the
-    sweep's evaluate steps) hold ``TRACING.shared()`` around their forward passes.
+    model built or run in another thread would be traced into the graph (or fail).
+    ``to_int8`` holds ``TRACING.exclusive()``; threads that build or run models while it
+    may run (the sweep's steps) hold ``TRACING.shared()``. A waiting ``exclusive()`` goes
+    first, and the thread holding it may take either again.
     """
 
     def __init__(self):
         self._condition = threading.Condition()
-        self._holders = 0  # shared holders, or -1 while held exclusively
+        self._shared = 0
+        self._owner: int | None = None  # the thread holding exclusive()
+        self._depth = 0
+        self._queued = 0  # threads waiting for exclusive()
 
     @contextlib.contextmanager
     def shared(self):
+        if self._owner == threading.get_ident():
+            yield
+            return
         with self._condition:
-            self._condition.wait_for(lambda: self._holders >= 0)
-            self._holders += 1
+            self._condition.wait_for(lambda: self._owner is None and not self._queued)
+            self._shared += 1
         try:
             yield
         finally:
             with self._condition:
-                self._holders -= 1
+                self._shared -= 1
                 self._condition.notify_all()
 
     @contextlib.contextmanager
     def exclusive(self):
+        me = threading.get_ident()
         with self._condition:
-            self._condition.wait_for(lambda: self._holders == 0)
-            self._holders = -1
+            if self._owner != me:
+                self._queued += 1
+                self._condition.wait_for(lambda: self._owner is None and not self._shared)
+                self._queued -= 1
+                self._owner = me
+            self._depth += 1
         try:
             yield
         finally:
             with self._condition:
-                self._holders = 0
-                self._condition.notify_all()
+                self._depth -= 1
+                if not self._depth:
+                    self._owner = None
+                    self._condition.notify_all()
 
 
 TRACING = SharedLock()

@@ -64,10 +64,10 @@ def extension():
         import ninja
 
         os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
-    key = _machine()
-    build = kernels_dir() / key
-    build.mkdir(parents=True, exist_ok=True)
     try:
+        key = _machine()
+        build = kernels_dir() / key
+        build.mkdir(parents=True, exist_ok=True)
         return cpp_extension.load(name=f"bitsweep_kernels_{key}", sources=[str(SOURCE)], build_directory=str(build),
                                   extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                                   verbose=False)

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from bitsweep.errors import BitsweepError
@@ -27,7 +27,6 @@ from bitsweep.registry import get_registry
 from bitsweep.schemes import MAX_BITS, MIN_BITS, QuantizedTensor, QuantSpec, _code_dtype, _scale_shape
 
 FORMAT = "bitsweep-packed/1"
-CODES_FORMAT = "bitsweep-codes/1"
 # create_model arguments that fetch or read weights: a file names an architecture, never a download.
 _NOT_ARCH = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir")
 _SUFFIXES = (".weight.packed", ".weight.scale", ".weight.zero_point")
@@ -42,6 +41,29 @@ def _group(bits: int) -> tuple[int, int]:
 def _word_dtype(bits: int) -> torch.dtype:
     # A run is at most 56 bits (7-bit codes); int32 is faster when the run fits in it.
     return torch.int32 if _group(bits)[0] * bits <= 24 else torch.int64
+
+
+def _runs(flat: torch.Tensor, width: int) -> torch.Tensor:
+    """``flat`` zero-padded to whole runs of ``width`` entries, one run per row."""
+    padded = torch.zeros(-(-flat.numel() // width) * width, dtype=torch.uint8)
+    padded[: flat.numel()] = flat
+    return padded.view(-1, width)
+
+
+def _join(columns: torch.Tensor, shift: int, dtype: torch.dtype) -> torch.Tensor:
+    """Each row's entries side by side in one integer, entry i at bit ``i * shift``."""
+    word = torch.zeros(columns.shape[0], dtype=dtype)
+    for i in range(columns.shape[1]):
+        word |= columns[:, i].to(dtype) << (i * shift)
+    return word
+
+
+def _split(word: torch.Tensor, pieces: int, shift: int) -> torch.Tensor:
+    """The inverse of ``_join``: ``pieces`` uint8 entries of ``shift`` bits from each integer."""
+    out = torch.empty(word.shape[0], pieces, dtype=torch.uint8)
+    for i in range(pieces):
+        out[:, i] = (word >> (i * shift)) & ((1 << shift) - 1)
+    return out
 
 
 def _check_bits(bits: int) -> None:
@@ -65,18 +87,8 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return flat.clone()
     per_run, run_bytes = _group(bits)
-    runs = -(-count // per_run)
-    padded = torch.zeros(runs * per_run, dtype=torch.uint8)
-    padded[:count] = flat
-    columns = padded.view(runs, per_run)
-    dtype = _word_dtype(bits)
-    word = torch.zeros(runs, dtype=dtype)
-    for i in range(per_run):
-        word |= columns[:, i].to(dtype) << (i * bits)
-    out = torch.empty(runs, run_bytes, dtype=torch.uint8)
-    for j in range(run_bytes):
-        out[:, j] = (word >> (8 * j)) & 0xFF
-    return out.view(-1)[: -(-bits * count // 8)].clone()
+    word = _join(_runs(flat, per_run), bits, _word_dtype(bits))
+    return _split(word, run_bytes, 8).view(-1)[: -(-bits * count // 8)].clone()
 
 
 def unpack_bits(data: torch.Tensor, bits: int, count: int) -> torch.Tensor:
@@ -89,19 +101,8 @@ def unpack_bits(data: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     if bits == 8:
         return data.clone()
     per_run, run_bytes = _group(bits)
-    runs = -(-count // per_run)
-    padded = torch.zeros(runs * run_bytes, dtype=torch.uint8)
-    padded[:need] = data
-    columns = padded.view(runs, run_bytes)
-    dtype = _word_dtype(bits)
-    word = torch.zeros(runs, dtype=dtype)
-    for j in range(run_bytes):
-        word |= columns[:, j].to(dtype) << (8 * j)
-    out = torch.empty(runs, per_run, dtype=torch.uint8)
-    mask = (1 << bits) - 1
-    for i in range(per_run):
-        out[:, i] = (word >> (i * bits)) & mask
-    return out.view(-1)[:count]
+    word = _join(_runs(data, run_bytes), 8, _word_dtype(bits))
+    return _split(word, per_run, bits).view(-1)[:count]
 
 
 @dataclass
@@ -380,62 +381,6 @@ def _tensor_problem(handle, key: str, dtype_name: str, shape: tuple[int, ...]) -
     if actual != (dtype_name, tuple(shape)):
         return f"tensor {key!r} is {actual[0]} {actual[1]}, the header needs {dtype_name} {tuple(shape)}"
     return None
-
-
-def save_codes(quantized: nn.Module, arch: str, arch_kwargs: dict, path: Path) -> Path:
-    """Write ``quantize_model``'s output: codes for quantized layers, fp32 for everything else."""
-    layers = quantized.quantized_layers
-    tensors, header = {}, {}
-    for name, tensor in quantized.state_dict().items():
-        layer = name.removesuffix(".weight")
-        if name.endswith(".weight") and layer in layers:
-            continue
-        tensors[name] = tensor.detach().contiguous()
-    for name, qt in layers.items():
-        tensors[f"{name}.weight.codes"] = qt.codes.contiguous()
-        tensors[f"{name}.weight.scale"] = qt.scale.contiguous()
-        tensors[f"{name}.weight.zero_point"] = qt.zero_point.contiguous()
-        header[name] = {"scheme": qt.scheme, "bits": qt.bits, "granularity": qt.granularity,
-                        "group_size": qt.group_size, "qmin": qt.qmin, "qmax": qt.qmax, "dtype": str(qt.dtype)}
-    from bitsweep import __version__
-
-    # One metadata key: safetensors writes several in hash order, which would make equal models differ by byte.
-    header = {"format": CODES_FORMAT, "bitsweep": __version__, "arch": arch, "arch_kwargs": arch_kwargs,
-              "layers": header}
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={"bitsweep": json.dumps(header, sort_keys=True)})
-    return Path(path)
-
-
-def load_codes(path: Path) -> nn.Module:
-    """Rebuild the fake-quantized model from a codes file: timm architecture + decoded weights."""
-    import timm
-
-    path = Path(path)
-    try:
-        tensors = load_file(path)
-        with safe_open(path, "pt") as handle:
-            header = json.loads((handle.metadata() or {}).get("bitsweep", "{}"))
-        if header.get("format") != CODES_FORMAT:
-            raise BitsweepError(f"{path}: not a {CODES_FORMAT} file (format {header.get('format')!r})")
-        layers = header["layers"]
-        model = timm.create_model(header["arch"], pretrained=False, **header["arch_kwargs"])
-    except (SafetensorError, OSError, KeyError, ValueError) as exc:
-        raise BitsweepError(f"{path}: unreadable codes file ({type(exc).__name__}: {exc}); "
-                            "delete it and rerun the sweep to recreate it") from None
-    records = {}
-    for name, info in layers.items():
-        qt = QuantizedTensor(
-            codes=tensors.pop(f"{name}.weight.codes"), scale=tensors.pop(f"{name}.weight.scale"),
-            zero_point=tensors.pop(f"{name}.weight.zero_point"), qmin=info["qmin"], qmax=info["qmax"],
-            bits=info["bits"], scheme=info["scheme"], granularity=info["granularity"],
-            group_size=info["group_size"], dtype=getattr(torch, info["dtype"].removeprefix("torch.")),
-            codec=get_registry().get("scheme", info["scheme"]))
-        tensors[f"{name}.weight"] = qt.dequantize()
-        records[name] = qt
-    model.load_state_dict(tensors, strict=True)
-    model.quantized_layers = records
-    return model.eval()
 
 
 def code_entropy_bytes(quantized: nn.Module) -> float:

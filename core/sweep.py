@@ -218,11 +218,13 @@ def pack_dir(sweep: Sweep, record: ModelRecord, cell: Cell) -> Path:
 def quantize_cell(sweep: Sweep, record: ModelRecord, cell: Cell) -> dict:
     """The quantize and pack steps: the cell's packed n-bit file, and what it holds (made once)."""
     folder = pack_dir(sweep, record, cell)
-    if (folder / "packed.json").exists():
-        return json.loads((folder / "packed.json").read_text())
-    quantized = quantize_model(fp32_module(record), cell.scheme, cell.bits, cell.granularity, cell.policy,
-                               group_size=cell.group_size)
-    path = save_packed(quantized, folder / "model.safetensors", record.arch, record.arch_kwargs)
+    path = folder / "model.safetensors"
+    if (folder / "packed.json").exists() and path.exists():
+        return json.loads((folder / "packed.json").read_text()) | {"packed": str(path)}
+    with TRACING.shared():
+        quantized = quantize_model(fp32_module(record), cell.scheme, cell.bits, cell.granularity, cell.policy,
+                                   group_size=cell.group_size)
+        save_packed(quantized, path, record.arch, record.arch_kwargs)
     info = {"packed": str(path), "quantized_layers": len(quantized.quantized_layers),
             "bytes_stored": path.stat().st_size, "entropy_bytes": code_entropy_bytes(quantized)}
     _write_json(folder / "packed.json", info)  # last: its presence means the packed file is complete
@@ -240,14 +242,17 @@ def evaluate_cell(sweep: Sweep, record: ModelRecord, cell: Cell, packed: str) ->
     """The evaluate step, on the model rebuilt from its packed file and run on the cell's kernel path."""
     from bitsweep.kernels import extension
 
-    data = eval_data(sweep, fp32_module(record))
-    # The int8 path's activation ranges come from a few of the sweep's own images (labels unused).
-    calibration = [data.images[:CALIBRATION_IMAGES]] if cell.kernel == "int8" else None
-    module = load_packed(Path(packed), cell.kernel, calibration=calibration)
+    # Models are built and run under TRACING.shared(): an int8 conversion in another thread must not
+    # trace them; this cell's own conversion (int8) holds the lock exclusively from the start.
+    with TRACING.exclusive() if cell.kernel == "int8" else TRACING.shared():
+        data = eval_data(sweep, fp32_module(record))
+        # The int8 path's activation ranges come from a few of the sweep's own images (labels unused).
+        calibration = [data.images[:CALIBRATION_IMAGES]] if cell.kernel == "int8" else None
+        module = load_packed(Path(packed), cell.kernel, calibration=calibration)
     reference = load_file(record.dir / "fp32_logits.safetensors")["logits"]
-    with TRACING.shared():  # an int8 conversion in another thread must not trace this model's calls
+    with TRACING.shared():
         row, _ = _measure(sweep, module, data, reference)
-    return row | {"compiled": extension() is not None}
+    return row | {"compiled": extension() is not None if cell.kernel == "weight-only" else None}
 
 
 def compress_sizes(sweep: Sweep, path: Path) -> dict:

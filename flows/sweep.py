@@ -82,7 +82,7 @@ def _run_cells(sweep: Sweep, records: list[steps.ModelRecord], progress: Callabl
     """Quantize and pack each missing cell once, then evaluate it on each kernel path while its
     packed file is compressed."""
     torch.set_num_threads(sweep.evaluation.threads)
-    rows, running, parts, waiting = [], {}, {}, {}
+    rows, running, parts, cells_by_pack = [], {}, {}, {}  # parts: cell key -> finished steps' results
     for record in records:
         for cell in steps.plan_cells(sweep, record.model):
             cached = steps.cached_row(sweep, record, cell)
@@ -91,14 +91,15 @@ def _run_cells(sweep: Sweep, records: list[steps.ModelRecord], progress: Callabl
                 progress(cached)
                 continue
             packing = cell.packing
-            if packing.label not in waiting:
-                waiting[packing.label] = []
+            pack_key = steps.cell_key(record, packing)
+            if pack_key not in cells_by_pack:
+                cells_by_pack[pack_key] = []
                 running[_named(quantize, packing).submit(sweep, record, packing)] = ("quantize", record, packing)
-            waiting[packing.label].append(cell)
+            cells_by_pack[pack_key].append(cell)
 
-    def fail(cells, stage, exc):
+    def fail(record, cells, stage, exc):
         for cell in cells:
-            parts[cell.label] = None
+            parts[steps.cell_key(record, cell)] = None
             row = steps.failed_row(sweep, cell, f"{stage}: {type(exc).__name__}: {exc}")
             get_run_logger().error(f"{cell.label}: {row['error']}")
             rows.append(row)
@@ -107,22 +108,22 @@ def _run_cells(sweep: Sweep, records: list[steps.ModelRecord], progress: Callabl
     while running:
         future = next(as_completed(list(running)))
         stage, record, cell = running.pop(future)
-        cells = waiting[cell.label] if stage in ("quantize", "compress") else [cell]
-        cells = [c for c in cells if parts.get(c.label, {}) is not None]  # skip cells whose sibling step failed
+        cells = cells_by_pack[steps.cell_key(record, cell)] if stage in ("quantize", "compress") else [cell]
+        cells = [c for c in cells if parts.get(steps.cell_key(record, c), {}) is not None]  # a sibling step failed
         try:
             result = future.result()
         except Exception as exc:
-            fail(cells, stage, exc)
+            fail(record, cells, stage, exc)
             continue
         if stage == "quantize":
             for each in cells:
-                parts[each.label] = {"quantize": dict(result)}
+                parts[steps.cell_key(record, each)] = {"quantize": dict(result)}
                 running[_named(evaluate, each).submit(sweep, record, each, result["packed"])] = ("evaluate", record, each)
             running[_named(compress, cell).submit(sweep, cell, result["packed"])] = ("compress", record, cell)
             continue
         for each in cells:
-            parts[each.label][stage] = dict(result)
-            done = parts[each.label]
+            done = parts[steps.cell_key(record, each)]
+            done[stage] = dict(result)
             if len(done) == 3:
                 seconds = sum(part.pop("step_seconds") for part in done.values())
                 row = steps.finish_cell(sweep, record, each, done["quantize"], done["evaluate"], done["compress"],
@@ -187,6 +188,7 @@ def sweep_flow(config_path: str = "flows.yaml", sweep_name: str | None = None) -
         rows += run_sweep(sweep)
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
-        raise BitsweepError(f"{len(failed)} of {len(rows)} rows failed (first: {failed[0]['model']} "
-                            f"{failed[0]['scheme']} {failed[0]['bits']}b: {failed[0]['error']}); the others are kept")
+        first = failed[0]
+        raise BitsweepError(f"{len(failed)} of {len(rows)} rows failed (first: {first['model']} {first['scheme']} "
+                            f"{first['bits']}b {first.get('kernel', '')}: {first['error']}); the others are kept")
     return rows

@@ -26,6 +26,8 @@ def sweep(**changes):
     ({"bitz": [4]}, "flows.yaml: sweeps[0].bitz: unknown key"),
     ({"name": "has space"}, "flows.yaml: sweeps[0].name: String should match pattern"),
     ({"models": []}, "flows.yaml: sweeps[0].models: List should have at least 1 item"),
+    ({"kernels": ["int8", "int8"]}, "flows.yaml: sweeps[0]: kernels lists int8 more than once"),
+    ({"kernels": ["gpu"]}, "flows.yaml: sweeps[0].kernels[0]: Input should be 'weight-only' or 'int8'"),
 ])
 def test_bad_entries_are_named(changes, message):
     with pytest.raises(BitsweepError) as error:

@@ -171,3 +171,24 @@ def test_relu6_range_and_dead_channels():
     assert int8.dead_channels == {"3": 1} and int8.int8_exact == {"0": True, "3": False, "8": True}
     with torch.no_grad():
         assert relative_error(fake(x), int8(x)) < 0.03
+
+
+def test_tracing_lock_keeps_other_threads_out_and_lets_its_owner_back_in():
+    import threading
+
+    from bitsweep.int8 import SharedLock
+
+    lock, entered = SharedLock(), threading.Event()
+
+    def reader():
+        with lock.shared():
+            entered.set()
+
+    with lock.exclusive():
+        with lock.exclusive(), lock.shared():  # the owner re-enters: no deadlock
+            pass
+        thread = threading.Thread(target=reader)
+        thread.start()
+        assert not entered.wait(0.3), "a shared holder got in during exclusive()"
+    assert entered.wait(5)
+    thread.join()
