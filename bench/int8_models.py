@@ -12,7 +12,6 @@ alternate so that load from other processes hits both alike.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 import warnings
@@ -23,23 +22,10 @@ import torch
 import bitsweep
 from bitsweep.compile import compile_packed
 from bitsweep.int8 import to_int8
+from kernels import _alternate
 
 TARGETS = {"resnet18": 3.0, "mobilenetv3_large_100": 3.0, "vit_tiny_patch16_224": 1.5}
 SCHEME, BITS = "asymmetric", 4
-
-
-def _median_times(modules: dict[str, torch.nn.Module], x: torch.Tensor, runs: int, warmup: int = 3):
-    times = {key: [] for key in modules}
-    with torch.no_grad():
-        for module in modules.values():
-            for _ in range(warmup):
-                module(x)
-        for _ in range(runs):
-            for key, module in modules.items():
-                start = time.perf_counter()
-                module(x)
-                times[key].append(time.perf_counter() - start)
-    return {key: statistics.median(values) for key, values in times.items()}
 
 
 def measure(names, threads: int = 1, runs: int = 15) -> list[dict]:
@@ -54,8 +40,9 @@ def measure(names, threads: int = 1, runs: int = 15) -> list[dict]:
         int8 = to_int8(fake, fake.quantized_layers)
         convert = time.perf_counter() - start
         weight_only = compile_packed(fake)
-        medians = _median_times({"fp32": model, "int8": int8, "weight-only": weight_only},
-                                torch.randn(1, 3, 224, 224), runs)
+        x = torch.randn(1, 3, 224, 224)
+        modules = {"fp32": model, "int8": int8, "weight-only": weight_only}
+        medians = _alternate({key: lambda _, m=m: m(x) for key, m in modules.items()}, layers=1, repeats=runs)
         speedup = medians["fp32"] / medians["int8"]
         target = TARGETS.get(name)
         rows.append({"model": name, "fp32_ms": medians["fp32"] * 1e3, "int8_ms": medians["int8"] * 1e3,
