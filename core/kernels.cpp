@@ -339,6 +339,13 @@ void dispatch_kind(int kind, const Layer& L, const Call& c, int64_t M) {
 #undef RUN
 }
 
+// Whether lut[u] == lut[0] + u for every u (asymmetric and symmetric tables): no lookup needed.
+bool is_linear(const float* lut, int B) {
+  for (int u = 0; u < (1 << B); ++u)
+    if (lut[u] != lut[0] + float(u)) return false;
+  return true;
+}
+
 // Whether lut is exactly the pow2 scheme's: 0 at u = L, else sign(u - L) * 2^(|u - L| - L).
 bool is_pow2(const float* lut, int B) {
   const int L = (1 << (B - 1)) - 1;
@@ -508,9 +515,7 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor prepared, int64_t N, int64_t
 
 // Dense float32 weights [N, K], computed exactly as the schemes decode: (lut[u] - zero) * scale.
 void decode_range(const Layer& L, float* out, int64_t first, int64_t last) {
-  const bool lin = bool(torch::equal(torch::from_blob(const_cast<float*>(L.lut), {int64_t(1) << L.bits}),
-                                     torch::arange(int64_t(1) << L.bits, torch::kFloat32) + L.lut[0]));
-  switch (L.bits * 2 + (lin ? 0 : 1)) {
+  switch (L.bits * 2 + (is_linear(L.lut, L.bits) ? 0 : 1)) {
 #define CASE(B)                                                          \
   case 2 * B: return decode_rows<B, kLinear>(L, out, first, last);     \
   case 2 * B + 1: return decode_rows<B, kTable>(L, out, first, last);

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bitsweep.errors import first_line
+
 SOURCE = Path(__file__).with_name("kernels.cpp")
 
 
@@ -72,7 +74,7 @@ def extension():
                                   extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                                   verbose=False)
     except Exception as exc:  # any compiler or loader failure: fall back, never stop the user's work
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc) or type(exc).__name__
         warnings.warn(f"bitsweep: compiled kernels unavailable ({first}); using the pure-PyTorch path "
                       "(install a C++ compiler, e.g. apt-get install g++, for the fast kernels)",
                       KernelWarning, stacklevel=2)

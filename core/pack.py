@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from bitsweep.errors import BitsweepError
+from bitsweep.errors import BitsweepError, first_line
 from bitsweep.files import atomic_path
 from bitsweep.registry import get_registry
 from bitsweep.schemes import MAX_BITS, MIN_BITS, QuantizedTensor, QuantSpec, _code_dtype, _scale_shape
@@ -201,8 +201,7 @@ def _match_arch(arch: str, arch_kwargs: dict, layer_shapes: dict[str, tuple],
         with torch.device("meta"):
             model = timm.create_model(arch, pretrained=False, **arch_kwargs)
     except Exception as exc:  # unknown name, bad keyword, a model's own check: timm raises all kinds
-        first = (str(exc).strip().splitlines() or [""])[0]
-        return {}, f"timm cannot build {arch!r} with {arch_kwargs}: {type(exc).__name__}: {first}"
+        return {}, f"timm cannot build {arch!r} with {arch_kwargs}: {type(exc).__name__}: {first_line(exc)}"
     expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
     types = {}
     for name, shape in layer_shapes.items():
@@ -334,8 +333,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], _Header]:
                 if _sha256(tensors[key]) != digest:
                     raise BitsweepError(f"{path}: tensor {key!r} fails its sha256 check; {damaged}")
     except (SafetensorError, ValueError, TypeError) as exc:  # also a dtype torch cannot hold
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise BitsweepError(f"{path}: not a readable safetensors file ({first}); {damaged}") from None
+        raise BitsweepError(f"{path}: not a readable safetensors file ({first_line(exc)}); {damaged}") from None
     except OSError as exc:
         raise BitsweepError(f"{path}: cannot read ({exc.strerror or exc})") from None
     return tensors, header
