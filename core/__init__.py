@@ -4,7 +4,8 @@ Public API (stable names)::
 
     bitsweep.schemes()                         # name -> Scheme
     bitsweep.quantize_tensor(w, scheme, bits, granularity="channel", group_size=None)
-    bitsweep.quantize_model(model, scheme, bits, granularity="channel", policy=None)
+    bitsweep.quantize_model(model, scheme, bits, granularity="channel", policy=None, recipe=None)
+    bitsweep.recipes()                         # name -> Recipe (data-free improvements on rounding)
     bitsweep.compile_packed(quantized, path="weight-only" | "int8")   # runs from packed codes
     bitsweep.save_packed(module, path) / bitsweep.load_packed(path, kernel="weight-only")
     bitsweep.hookimpl / bitsweep.hookspec      # for plugins
@@ -27,6 +28,7 @@ from bitsweep.errors import BitsweepError  # noqa: E402
 from bitsweep.compile import compile_packed  # noqa: E402
 from bitsweep.pack import PackedTensor, load_packed, save_packed  # noqa: E402
 from bitsweep.quantize import Policy, quantize_model  # noqa: E402
+from bitsweep.recipes import Recipe  # noqa: E402
 from bitsweep.registry import get_registry  # noqa: E402
 from bitsweep.schemes import AffineScheme, QuantizedTensor, QuantSpec, Scheme, quantize_tensor  # noqa: E402
 
@@ -36,6 +38,11 @@ def schemes() -> dict[str, Scheme]:
     return {name: entry.obj for name, entry in get_registry().entries("scheme").items()}
 
 
+def recipes() -> dict[str, Recipe]:
+    """Every registered recipe, by name (``quantize_model(..., recipe=name)``)."""
+    return {name: entry.obj for name, entry in get_registry().entries("recipe").items()}
+
+
 def compressors() -> dict[str, Compressor]:
     """Every registered compressor, by name."""
     return {name: entry.obj for name, entry in get_registry().entries("compressor").items()}
@@ -43,6 +50,6 @@ def compressors() -> dict[str, Compressor]:
 
 __all__ = [
     "AffineScheme", "BitsweepError", "Compressor", "PackedTensor", "Policy", "QuantSpec", "QuantizedTensor",
-    "Scheme", "__version__", "compile_packed", "compress_file", "compressors", "hookimpl", "hookspec", "load_packed",
-    "quantize_model", "quantize_tensor", "save_packed", "schemes",
+    "Recipe", "Scheme", "__version__", "compile_packed", "compress_file", "compressors", "hookimpl", "hookspec",
+    "load_packed", "quantize_model", "quantize_tensor", "recipes", "save_packed", "schemes",
 ]

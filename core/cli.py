@@ -46,6 +46,15 @@ def plugins():
     console.print(table)
 
 
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A sweep's run directory, e.g. runs/fashion-mnist.")):
+    """Regenerate a finished run's report (tables, figures, report.md/.html) from its stored results."""
+    from bitsweep.report import write_report
+
+    written = write_report(run_dir)
+    console.print(f"{len(written['figures'])} figures; report: {written['markdown']} and {written['html']}")
+
+
 def _prefect_environment() -> None:
     """Offline-safe Prefect settings (users' own settings win), before Prefect is imported."""
     import os
@@ -65,26 +74,29 @@ def run(
     config: Path = typer.Option(Path("flows.yaml"), "--config", "-c", help="The sweeps to run."),
     sweep: str | None = typer.Option(None, "--sweep", help="Run only this sweep of the file."),
     max_workers: int | None = typer.Option(None, "--max-workers", help="Cells at once (default: cores / threads)."),
+    runner: str | None = typer.Option(None, "--runner", help="thread or dask (default: flows.yaml's runner, "
+                                                             "else thread)."),
+    address: str | None = typer.Option(None, "--address", help="A Dask scheduler, e.g. tcp://10.0.0.5:8786 "
+                                                               "(dask without it: a local cluster)."),
 ):
     """Run the sweeps of flows.yaml as a Prefect flow; finished cells are kept and skipped on a rerun."""
-    import os
-
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from bitsweep.config import load_config
 
     from bitsweep.sweep import expand_models
 
-    sweeps = load_config(config).sweep(sweep)  # fail on a bad file or model name before Prefect starts
+    loaded = load_config(config)
+    sweeps = loaded.sweep(sweep)  # fail on a bad file, model name or runner before Prefect starts
     for s in sweeps:
         expand_models(s)
-    threads = max(s.evaluation.threads for s in sweeps)
     _prefect_environment()
-    from prefect.task_runners import ThreadPoolTaskRunner
-
+    from bitsweep.flows import runners
     from bitsweep.flows import sweep as sweep_flow_module
 
-    workers = max_workers or max(1, (os.cpu_count() or 1) // threads)
+    chosen = _runner_settings(runners, loaded.runner, runner, address, max_workers)
+    if chosen.address:
+        runners.check_scheduler(chosen.address)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         job = bar.add_task("cells", total=None)
@@ -96,14 +108,70 @@ def run(
                        description=f"{row['model']} {row['scheme']} {row['bits']}b")
 
         sweep_flow_module.on_row = advance
-        flow = sweep_flow_module.sweep_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
         try:
-            flow(config_path=str(config), sweep_name=sweep)
+            sweep_flow_module.sweep_flow(config_path=str(config), sweep_name=sweep, runner=runner, address=address,
+                                         max_workers=max_workers)
         finally:
             sweep_flow_module.on_row = None
             bar.stop()
             for s in sweeps:
                 _print_results(s)
+
+
+def _runner_settings(runners, base, kind, address, workers):
+    """The runner options over flows.yaml's, or one line saying which option is wrong."""
+    from pydantic import ValidationError
+
+    try:
+        return runners.settings(base, kind, address, workers)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = error["loc"][0] if error["loc"] else "kind"
+        option = {"kind": "--runner", "address": "--address", "workers": "--max-workers"}[field]
+        raise BitsweepError(f"{option}: {error['msg'].removeprefix('Value error, ')}") from None
+
+
+def _prefect_command() -> str:
+    """``prefect`` as the user can type it: bare when it is this environment's, else its full path."""
+    import shutil
+
+    own = Path(sys.executable).parent / "prefect"
+    return "prefect" if shutil.which("prefect") == str(own) else str(own)
+
+
+@app.command()
+def deploy(
+    config: Path = typer.Option(Path("flows.yaml"), "--config", "-c", help="The file whose deployments to register."),
+    pool: str = typer.Option("bitsweep", "--pool", help="The work pool (created as a local process pool if missing)."),
+):
+    """Register flows.yaml's deployments (cron schedules) with the Prefect server at PREFECT_API_URL."""
+    from bitsweep.config import load_config
+
+    load_config(config)  # a bad file or cron fails here, before Prefect starts
+    _prefect_environment()
+    from bitsweep.flows.deploy import deploy as register
+
+    names = register(config, pool)
+    for name in names:
+        console.print(f"deployed {name} to work pool {pool!r}")
+    console.print(f"start a worker (it runs them, in this folder): {_prefect_command()} worker start --pool {pool}")
+    console.print(f"run one now: {_prefect_command()} deployment run '{names[0]}'")
+
+
+@app.command()
+def server(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback: this machine only)."),
+    port: int = typer.Option(4200, "--port", help="Port of the UI and API."),
+):
+    """Start a local Prefect server with telemetry off: the UI, and the API deployments and workers use."""
+    import os
+
+    _prefect_environment()
+    url = f"http://{host}:{port}"
+    console.print(f"Prefect UI: {url}\nin other shells: export PREFECT_API_URL={url}/api")
+    sys.stdout.flush()
+    os.environ["PREFECT_UI_API_URL"] = f"{url}/api"
+    os.execv(sys.executable, [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)])
 
 
 def _print_results(sweep) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from bitsweep.errors import BitsweepError
+from bitsweep.errors import BitsweepError, first_line
 from bitsweep.models import ModelSpec
 from bitsweep.quantize import Policy
 from bitsweep.schemes import GRANULARITIES, MAX_BITS, MIN_BITS
@@ -35,21 +36,30 @@ def _policy_entry(value):
         raise ValueError(str(exc)) from None
 
 
+def _check_registered(kind: str, name: str) -> str:
+    from bitsweep.registry import get_registry
+
+    problem = get_registry().missing(kind, name)  # names a failed plugin that may provide it
+    if problem:
+        raise ValueError(problem)
+    return name
+
+
 def _registered(kind: str):
-    def check(name: str) -> str:
-        from bitsweep.registry import get_registry
-
-        entries = get_registry().entries(kind)
-        if name not in entries:
-            raise ValueError(f"unknown {kind} {name!r}; available: {', '.join(sorted(entries))}")
-        return name
-
-    return AfterValidator(check)
+    return AfterValidator(lambda name: _check_registered(kind, name))
 
 
 Bits = Annotated[int, Field(strict=True), AfterValidator(_bits_in_range)]
 SchemeName = Annotated[str, _registered("scheme")]
 CompressorName = Annotated[str, _registered("compressor")]
+NO_RECIPE = "none"  # in `recipes:`, plain rounding to the nearest level
+
+
+def _recipe_name(name: str) -> str:
+    return name if name == NO_RECIPE else _check_registered("recipe", name)
+
+
+RecipeName = Annotated[str, AfterValidator(_recipe_name)]
 
 
 class _Strict(BaseModel):
@@ -74,6 +84,28 @@ class Evaluation(_Strict):
     threads: int = Field(1, ge=1, description="torch threads per cell; cells run in parallel on the other cores")
 
 
+def _positive_or_auto(value):
+    if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{value!r} is neither a positive number of super-classes nor 'auto'")
+    return value
+
+
+class Clustering(_Strict):
+    """The cluster step: how many super-classes, and from which view of class similarity."""
+
+    k: Annotated[int | Literal["auto"], BeforeValidator(_positive_or_auto)] = Field(
+        "auto", description="super-classes, or auto: cut at the largest gap in the class tree")
+    source: Literal["auto", "weights", "confusion"] = Field(
+        "auto", description="what super-class scores use; auto: confusion on labelled data, else weights")
+
+
+class Sensitivity(_Strict):
+    """Accuracy when only one layer is quantized, per layer and width: which layers the bits matter for."""
+
+    images: int = Field(0, ge=0, description="evaluation images to use; 0 leaves the step out")
+    schemes: list[SchemeName] | None = Field(None, description="schemes to try (default: the sweep's first)")
+
+
 class Sweep(_Strict):
     """One grid: models x schemes x bits x granularity x policies, on one dataset."""
 
@@ -86,13 +118,16 @@ class Sweep(_Strict):
     group_size: int | None = Field(None, ge=1)
     policies: list[Annotated[Policy, BeforeValidator(_policy_entry)]] = [Policy(name="full")]
     compressors: list[CompressorName] = ["gzip", "7z", "zstd"]
+    recipes: list[RecipeName] = Field([NO_RECIPE], min_length=1)
     kernels: list[Literal["weight-only", "int8"]] = Field(["weight-only"], min_length=1)
     evaluation: Evaluation = Evaluation()
+    clustering: Clustering = Clustering()
+    sensitivity: Sensitivity = Sensitivity()
     output: Path | None = None
 
     @model_validator(mode="after")
     def _no_repeats(self):
-        for key in ("schemes", "bits", "granularity", "compressors", "kernels"):
+        for key in ("schemes", "bits", "granularity", "compressors", "recipes", "kernels"):
             values = getattr(self, key)
             repeated = sorted({str(v) for v in values if values.count(v) > 1})
             if repeated:
@@ -110,18 +145,51 @@ class Sweep(_Strict):
         return self.output or Path("runs") / self.name
 
 
+def _cron(expression: str) -> str:
+    from croniter import croniter  # the parser Prefect's schedules use (vendored there)
+
+    if not croniter.is_valid(expression) or any(f.lower() in ("h", "r") for f in expression.split()):
+        raise ValueError(f"{expression!r} is not a cron schedule; write five fields, minute hour day-of-month "
+                         f"month day-of-week, e.g. '0 3 * * *' for 03:00 every day")
+    return expression
+
+
+def _scheduler_address(address: str) -> str:
+    if not re.fullmatch(r"(tcp|tls|ucx|inproc)://\S+", address):
+        raise ValueError(f"{address!r} is not a Dask scheduler address; write e.g. tcp://10.0.0.5:8786")
+    return address
+
+
 class Deployment(_Strict):
     """A scheduled run of one sweep (registered by ``bitsweep deploy``)."""
 
-    name: str
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
     sweep: str
-    cron: str
+    cron: Annotated[str, AfterValidator(_cron)]
     parameters: dict = {}
+
+
+class Runner(_Strict):
+    """Where cells run: threads in this process, or Dask (the scheduler at ``address``, else a local cluster)."""
+
+    kind: Literal["thread", "dask"] = "thread"
+    address: Annotated[str, AfterValidator(_scheduler_address)] | None = None
+    workers: int | None = Field(None, ge=1, description="cells at once: threads, or local Dask worker processes "
+                                                        "(default: cores / evaluation.threads)")
+    memory_gb: float | None = Field(None, gt=0, description="memory running cells may hold together "
+                                                            "(default: 80 % of the RAM available at start)")
+
+    @model_validator(mode="after")
+    def _address_is_dask(self):
+        if self.address and self.kind != "dask":
+            raise ValueError("address is a Dask scheduler's: set kind: dask with it")
+        return self
 
 
 class Config(_Strict):
     sweeps: list[Sweep] = Field(min_length=1)
     deployments: list[Deployment] = []
+    runner: Runner = Runner()
 
     @model_validator(mode="after")
     def _unique_names(self):
@@ -129,6 +197,10 @@ class Config(_Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"sweep names must be unique; repeated: {', '.join(duplicates)}")
+        deployments = [d.name for d in self.deployments]
+        repeated = sorted({n for n in deployments if deployments.count(n) > 1})
+        if repeated:
+            raise ValueError(f"deployment names must be unique; repeated: {', '.join(repeated)}")
         for deployment in self.deployments:
             if deployment.sweep not in names:
                 raise ValueError(f"deployment {deployment.name!r} names sweep {deployment.sweep!r}, "
@@ -180,5 +252,11 @@ def load_config(path: Path = DEFAULT_CONFIG) -> Config:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f"line {mark.line + 1}: " if mark else ""
-        raise BitsweepError(f"{path}: {line}not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        problem = getattr(exc, "problem", None) or first_line(exc)
+        raise BitsweepError(f"{path}: {line}not valid YAML ({problem})") from None
+    except (ValueError, RecursionError) as exc:  # not UTF-8, a date that does not exist, nesting too deep
+        raise BitsweepError(f"{path}: not valid YAML ({type(exc).__name__}: {first_line(exc)})") from None
+    except OSError as exc:
+        raise BitsweepError(f"{path}: cannot read ({exc.strerror or exc}); pass --config PATH of a readable file") \
+            from None
     return parse_config(data, str(path))

@@ -18,6 +18,9 @@ class ImageSet:
     images: torch.Tensor  # float32 [N, C, H, W], already normalized
     labels: torch.Tensor | None  # int64 [N]; None for label-free (calibration-only) sets
     class_names: list[str]
+    # A natural grouping of the classes when the dataset has one (super-class -> class names),
+    # shown next to the grouping the cluster step recovers.
+    superclasses: dict[str, list[str]] | None = None
 
 
 class Dataset(ABC):

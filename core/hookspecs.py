@@ -25,3 +25,8 @@ def register_datasets():
 @hookspec
 def register_compressors():
     """Return file compressors (``bitsweep.Compressor`` instances) to add."""
+
+
+@hookspec
+def register_recipes():
+    """Return data-free quantization recipes (``bitsweep.Recipe`` instances) to add."""

@@ -273,15 +273,7 @@ def load_packed(path, kernel: str = "weight-only", calibration: list[torch.Tenso
     ``kernel`` and ``calibration`` (input batches, int8 path only) go to ``compile_layers``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise BitsweepError(f"{path}: no such file; check the path, or write it with bitsweep.save_packed")
-    tensors, header = _read(path)
-    layers = {}
-    for name, info in header.layers.items():
-        packed, scale, zero_point = (tensors.pop(name + suffix) for suffix in _SUFFIXES)
-        layers[name] = PackedTensor(data=packed, shape=info.shape, bits=info.bits, scale=scale, zero_point=zero_point,
-                                    qmin=info.qmin, qmax=info.qmax, scheme=info.scheme, granularity=info.granularity,
-                                    group_size=info.group_size, dtype=getattr(torch, info.dtype))
+    layers, tensors, header = read_packed(path)
     types, problem = _match_arch(header.arch, header.arch_kwargs, {n: p.shape for n, p in layers.items()},
                                  {k: tuple(t.shape) for k, t in tensors.items()})
     for name, info in header.layers.items():
@@ -297,6 +289,21 @@ def load_packed(path, kernel: str = "weight-only", calibration: list[torch.Tenso
     model.load_state_dict(tensors, strict=False)  # the quantized weights are missing: packed modules replace them
     layers = {name: layers[name] for name, _ in model.named_modules() if name in layers}  # quantize_model's order
     return compile_layers(model, layers, kernel, calibration)
+
+
+def read_packed(path) -> tuple[dict[str, PackedTensor], dict[str, torch.Tensor], _Header]:
+    """A packed file's quantized layers, its other tensors and its header, all checked; no model built."""
+    path = Path(path)
+    if not path.is_file():
+        raise BitsweepError(f"{path}: no such file; check the path, or write it with bitsweep.save_packed")
+    tensors, header = _read(path)
+    layers = {}
+    for name, info in header.layers.items():
+        packed, scale, zero_point = (tensors.pop(name + suffix) for suffix in _SUFFIXES)
+        layers[name] = PackedTensor(data=packed, shape=info.shape, bits=info.bits, scale=scale, zero_point=zero_point,
+                                    qmin=info.qmin, qmax=info.qmax, scheme=info.scheme, granularity=info.granularity,
+                                    group_size=info.group_size, dtype=getattr(torch, info.dtype))
+    return layers, tensors, header
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], _Header]:

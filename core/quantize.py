@@ -81,27 +81,40 @@ def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def quantize_model(model: nn.Module, scheme: str, bits: int, granularity: str = "channel",
-                   policy: Policy | str | dict | None = None, group_size: int | None = None) -> nn.Module:
+                   policy: Policy | str | dict | None = None, group_size: int | None = None,
+                   recipe: str | None = None) -> nn.Module:
     """A fake-quantized copy of ``model``; the input is left untouched.
 
     The copy's ``quantized_layers`` maps each quantized layer's name to its
     ``QuantizedTensor`` (codes and scales), which the pack step stores.
+    ``recipe`` names a registered recipe (``bitsweep.recipes()``); ``None`` rounds each weight
+    to its nearest level.
     """
-    QuantSpec(scheme, bits, granularity, group_size)  # fail on bad arguments before copying anything
+    spec = QuantSpec(scheme, bits, granularity, group_size)  # fail on bad arguments before copying anything
     policy = Policy.parse(policy)
-    quantized = copy.deepcopy(model)
-    layers = quantizable_layers(quantized)
-    plan = policy.plan([name for name, _ in layers], bits)
+    if recipe is not None:
+        from bitsweep.registry import get_registry
+
+        with get_registry().blame("recipe", recipe):  # a plugin's bug becomes one error naming it
+            return get_registry().get("recipe", recipe).quantize(model, spec, policy)
+    return quantize_layers(copy.deepcopy(model), spec, policy)
+
+
+def quantize_layers(model: nn.Module, spec: QuantSpec, policy: Policy, rounding=quantize_tensor) -> nn.Module:
+    """Fake-quantize ``model`` in place with ``rounding`` (``quantize_tensor``'s signature); returns it
+    with ``quantized_layers`` set. Recipes call this with their own rounding rule."""
+    layers = quantizable_layers(model)
+    plan = policy.plan([name for name, _ in layers], spec.bits)
     records: dict[str, QuantizedTensor] = {}
     with torch.no_grad():
         for name, layer in layers:
             if name not in plan:
                 continue
             try:
-                qt = quantize_tensor(layer.weight, scheme, plan[name], granularity, group_size)
+                qt = rounding(layer.weight, spec.scheme, plan[name], spec.granularity, spec.group_size)
             except BitsweepError as exc:
                 raise BitsweepError(f"layer {name!r}: {exc}") from None
             layer.weight.copy_(qt.dequantize())
             records[name] = qt
-    quantized.quantized_layers = records
-    return quantized
+    model.quantized_layers = records
+    return model

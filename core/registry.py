@@ -7,6 +7,7 @@ of bitsweep keeps working.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.metadata
@@ -17,17 +18,18 @@ from dataclasses import dataclass
 import pluggy
 
 from bitsweep import hookspecs
-from bitsweep.errors import BitsweepError
+from bitsweep.errors import BitsweepError, first_line
 
 ENTRY_POINT_GROUP = "bitsweep"
 BUILTIN_PLUGINS = tuple(f"bitsweep.plugins.{name}" for name in (
-    "schemes", "compressors", "models", "efficientnet_lite", "datasets", "photos", "imagefolder"))
+    "schemes", "compressors", "models", "efficientnet_lite", "datasets", "photos", "imagefolder", "recipes"))
 # kind -> the hook that registers it
 HOOKS = {
     "scheme": "register_schemes",
     "model source": "register_model_sources",
     "dataset": "register_datasets",
     "compressor": "register_compressors",
+    "recipe": "register_recipes",
 }
 
 
@@ -58,9 +60,11 @@ class Registered:
 class Registry:
     """Every scheme, model source, dataset and compressor, by kind and name."""
 
-    def __init__(self, manager: pluggy.PluginManager, providers: dict[str, Provider]):
+    def __init__(self, manager: pluggy.PluginManager, providers: dict[str, Provider], failed: list[str] = ()):
         self._manager = manager
         self._providers = providers
+        # kind -> why plugins that might provide it do not: a failed import counts for every kind
+        self._failed: dict[str, list[str]] = {kind: list(failed) for kind in HOOKS}
         self._lock = threading.Lock()
         self._by_kind: dict[str, dict[str, Registered]] = {}
 
@@ -72,11 +76,33 @@ class Registry:
             return self._by_kind[kind]
 
     def get(self, kind: str, name: str):
+        problem = self.missing(kind, name)
+        if problem:
+            raise BitsweepError(problem)
+        return self.entries(kind)[name].obj
+
+    def missing(self, kind: str, name: str) -> str | None:
+        """Why ``name`` is not a registered ``kind`` (naming plugins that failed and may provide it), or None."""
         entries = self.entries(kind)
-        if name not in entries:
-            available = ", ".join(sorted(entries)) or "none"
-            raise BitsweepError(f"unknown {kind} {name!r}; available: {available} (see `bitsweep plugins`)")
-        return entries[name].obj
+        if name in entries:
+            return None
+        available = ", ".join(sorted(entries)) or "none"
+        failed = "".join(f"; {why} and may provide it: fix or uninstall it" for why in self._failed[kind])
+        return f"unknown {kind} {name!r}; available: {available} (see `bitsweep plugins`){failed}"
+
+    @contextlib.contextmanager
+    def blame(self, kind: str, name: str):
+        """Run a registered object's code; an unexpected exception becomes one error naming its plugin."""
+        try:
+            yield
+        except BitsweepError:
+            raise
+        except Exception as exc:
+            entry = self.entries(kind).get(name)
+            if entry is None:
+                raise
+            raise BitsweepError(f"{kind} {name!r} of {entry.provider} failed: {type(exc).__name__}: "
+                                f"{first_line(exc)}") from exc
 
     def _collect(self, kind: str) -> dict[str, Registered]:
         found: dict[str, Registered] = {}
@@ -87,6 +113,8 @@ class Registry:
                 objects = list(impl.function() or [])
             except Exception as exc:  # a third party's bug must not stop bitsweep
                 _warn(f"{provider} failed in {HOOKS[kind]}: {type(exc).__name__}: {exc}; its {kind}s are skipped")
+                self._failed[kind].append(f"{provider} failed in {HOOKS[kind]} ({type(exc).__name__}: "
+                                          f"{first_line(exc)})")
                 continue
             for obj in objects:
                 name = getattr(obj, "name", None)
@@ -115,6 +143,7 @@ def build_registry() -> Registry:
     manager = pluggy.PluginManager("bitsweep")
     manager.add_hookspecs(hookspecs)
     providers: dict[str, Provider] = {}
+    failed = []
     for module_name in BUILTIN_PLUGINS:
         plugin = "builtin:" + module_name.rsplit(".", 1)[1]
         manager.register(importlib.import_module(module_name), name=plugin)
@@ -127,9 +156,10 @@ def build_registry() -> Registry:
             manager.register(entry_point.load(), name=entry_point.name)
         except Exception as exc:  # ImportError, a bad hook signature, a duplicate plugin name...
             _warn(f"{provider} failed to load: {type(exc).__name__}: {exc}; it is skipped")
+            failed.append(f"{provider} failed to load ({type(exc).__name__}: {first_line(exc)})")
             continue
         providers[entry_point.name] = provider
-    return Registry(manager, providers)
+    return Registry(manager, providers, failed)
 
 
 @functools.cache

@@ -10,6 +10,7 @@ differ only in their kernel path share one packed file (``packed/<key>/``).
 
 from __future__ import annotations
 
+import copy
 import csv
 import functools
 import hashlib
@@ -24,23 +25,35 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 
+from bitsweep.cluster import (
+    cluster_classes,
+    confusion_distances,
+    confusion_matrix,
+    superclass_scores,
+    weight_distances,
+)
 from bitsweep.compress import compress_file
 from bitsweep.config import Sweep
 from bitsweep.datasets import content_hash
+from bitsweep.errors import BitsweepError
 from bitsweep.evaluate import accuracy, fidelity, latency_batch1, predict
 from bitsweep.files import atomic_path
 from bitsweep.int8 import TRACING
 from bitsweep.models import LoadContext, ModelSpec, weights_hash
-from bitsweep.pack import code_entropy_bytes, load_packed, save_packed
-from bitsweep.quantize import Policy, quantize_model
+from bitsweep.pack import code_entropy_bytes, load_packed, read_packed, save_packed
+from bitsweep.profile import STATS, profile_layers
+from bitsweep.quantize import Policy, quantizable_layers, quantize_model
 from bitsweep.registry import get_registry
+from bitsweep.schemes import quantize_tensor
 
 CALIBRATION_IMAGES = 16
 
 COLUMNS = [
-    "sweep", "model", "scheme", "bits", "granularity", "group_size", "policy", "kernel", "compiled", "status", "error",
-    "top1", "top5", "agreement", "kl", "drop_top1", "delta_acc_pct", "latency_b1_ms", "latency_batch_ms",
-    "params", "quantized_layers", "bytes_stored", "entropy_bytes", "bytes_gzip", "bytes_7z", "bytes_zstd",
+    "sweep", "model", "scheme", "bits", "granularity", "group_size", "policy", "recipe", "kernel", "compiled", "status",
+    "error",
+    "top1", "top5", "agreement", "kl", "drop_top1", "delta_acc_pct", "super_k", "super_top1", "super_agreement",
+    "super_top1_natural", "latency_b1_ms", "latency_batch_ms", "sqnr_db", "zero_fraction", "params",
+    "quantized_layers", "bytes_stored", "entropy_bytes", "bytes_gzip", "bytes_7z", "bytes_zstd",
     "delta_size_pct", "seconds", "key",
 ]
 
@@ -73,6 +86,7 @@ class Cell(BaseModel):
     granularity: str
     group_size: int | None
     policy: Policy
+    recipe: str = "none"
     kernel: str = "weight-only"
 
     @property
@@ -85,6 +99,7 @@ class Cell(BaseModel):
         extra = "" if self.granularity == "channel" else f" {self.granularity}"
         extra += f"{self.group_size}" if self.group_size else ""
         extra += "" if self.policy.label == "full" else f" {self.policy.label}"
+        extra += "" if self.recipe == "none" else f" {self.recipe}"
         extra += "" if self.kernel == "weight-only" else f" {self.kernel}"
         return f"{self.model} {self.scheme} {self.bits}b{extra}"
 
@@ -109,9 +124,10 @@ def expand_models(sweep: Sweep) -> list[ModelSpec]:
 
 def plan_cells(sweep: Sweep, model: str) -> list[Cell]:
     return [Cell(model=model, scheme=scheme, bits=bits, granularity=granularity,
-                 group_size=sweep.group_size if granularity == "group" else None, policy=policy, kernel=kernel)
-            for scheme in sweep.schemes for bits in sweep.bits
-            for granularity in sweep.granularity for policy in sweep.policies for kernel in sweep.kernels]
+                 group_size=sweep.group_size if granularity == "group" else None, policy=policy, recipe=recipe,
+                 kernel=kernel)
+            for scheme in sweep.schemes for bits in sweep.bits for granularity in sweep.granularity
+            for policy in sweep.policies for recipe in sweep.recipes for kernel in sweep.kernels]
 
 
 @functools.lru_cache(maxsize=8)
@@ -180,12 +196,11 @@ def prepare_model(sweep: Sweep, spec: ModelSpec) -> ModelRecord:
         save_file({k: v.contiguous() for k, v in module.state_dict().items()}, tmp)
     data = eval_data(sweep, module)
     row, logits = _measure(sweep, module, data, None)
-    with atomic_path(model_dir / "fp32_logits.safetensors") as tmp:
-        save_file({"logits": logits.contiguous()}, tmp)
+    _save_logits(model_dir / "fp32_logits.safetensors", logits, data.labels)
     params = sum(p.numel() for p in module.parameters())
     fp32_bytes = weights.stat().st_size
     row |= {"sweep": sweep.name, "model": spec.id, "scheme": "fp32", "bits": 32, "granularity": "", "policy": "",
-            "kernel": "fp32",
+            "recipe": "", "kernel": "fp32",
             "status": "ok", "params": params, "quantized_layers": 0, "bytes_stored": fp32_bytes,
             "drop_top1": 0.0 if "top1" in row else None, "delta_acc_pct": 0.0, "delta_size_pct": 0.0}
     row |= compress_sizes(sweep, weights)
@@ -195,6 +210,137 @@ def prepare_model(sweep: Sweep, spec: ModelSpec) -> ModelRecord:
                          baseline=row)
     _write_json(record_path, record.model_dump(mode="json"))  # last: its presence means the model is ready
     return record
+
+
+def _save_logits(path: Path, logits: torch.Tensor, labels: torch.Tensor | None) -> None:
+    """Logits (and the labels they are scored against) kept so later steps need no model."""
+    tensors = {"logits": logits.contiguous()} | ({} if labels is None else {"labels": labels.contiguous()})
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp)
+
+
+def _fp32_weights(record: ModelRecord) -> dict[str, torch.Tensor]:
+    """Each Conv/Linear layer's fp32 weight, in module order."""
+    with TRACING.shared():
+        return {name: layer.weight.detach() for name, layer in quantizable_layers(fp32_module(record))}
+
+
+def profile_model(sweep: Sweep, record: ModelRecord) -> dict:
+    """The profile step for fp32: every Conv/Linear weight distribution, once per model."""
+    path = record.dir / "profile.json"
+    if not path.exists():
+        _write_json(path, profile_layers(_fp32_weights(record), {}))
+    return {"profile": str(path)}
+
+
+def cluster_model(sweep: Sweep, record: ModelRecord) -> dict:
+    """The cluster step: class hierarchies from the classifier's weights and from fp32's confusions.
+
+    Redone only when the sweep's clustering settings change; cells need not be rerun, since
+    super-class scores are computed from their stored logits when results are written.
+    """
+    path = record.dir / "clusters.json"
+    settings = sweep.clustering.model_dump()
+    if path.exists() and json.loads(path.read_text())["settings"] == settings:
+        return {"clusters": str(path)}
+    saved = load_file(record.dir / "fp32_logits.safetensors")
+    logits, labels = saved["logits"], saved.get("labels")
+    classes = logits.shape[1]
+    k = None if settings["k"] == "auto" else settings["k"]
+    views = {}
+    with TRACING.shared():
+        module = fp32_module(record)
+        weight = getattr(module.get_classifier(), "weight", None)
+        data = eval_data(sweep, module)
+    if weight is not None and weight.shape[0] == classes:
+        views["weights"] = cluster_classes(weight_distances(weight.detach().reshape(classes, -1).numpy()), k)
+    if labels is not None:
+        views["confusion"] = cluster_classes(confusion_distances(confusion_matrix(logits.argmax(1), labels, classes)),
+                                             k)
+    source = settings["source"]
+    if source == "auto":  # confusion on labelled data, else weights, else (no classifier matrix) none
+        source = next((view for view in ("confusion", "weights") if view in views), None)
+    elif source not in views:
+        why = "the dataset has no labels" if source == "confusion" else "the classifier has no weight matrix"
+        raise BitsweepError(f"sweep {sweep.name!r}, model {record.model}: cannot cluster classes by {source} "
+                            f"({why}); set clustering.source to "
+                            f"{'weights' if source == 'confusion' else 'confusion'} in flows.yaml")
+    natural = None
+    if data.superclasses:
+        names = list(data.superclasses)
+        group_of = {cls: names.index(group) for group, members in data.superclasses.items() for cls in members}
+        natural = {"names": names, "groups": [group_of[cls] for cls in data.class_names]}
+    names = data.class_names if len(data.class_names) == classes else [str(i) for i in range(classes)]
+    _write_json(path, {"settings": settings, "source": source, "class_names": names, "natural": natural,
+                       **views})
+    return {"clusters": str(path)}
+
+
+def layer_sensitivity(sweep: Sweep, record: ModelRecord) -> dict:
+    """Top-1 (or agreement with fp32) when only one layer is quantized, for every layer and width.
+
+    Runs on the first ``sensitivity.images`` evaluation images; redone only when the settings change.
+    """
+    settings = sweep.sensitivity.model_dump() | {"bits": sweep.bits, "granularity": sweep.granularity[0],
+                                                 "group_size": sweep.group_size}
+    path = record.dir / "sensitivity.json"
+    if not settings["images"] or (path.exists() and json.loads(path.read_text())["settings"] == settings):
+        return {"sensitivity": str(path) if path.exists() else None}
+    with TRACING.shared():
+        module = copy.deepcopy(fp32_module(record))
+        data = eval_data(sweep, module)
+        images = data.images[:settings["images"]]
+        saved = load_file(record.dir / "fp32_logits.safetensors")
+        reference = saved["logits"][: len(images)]
+        labels = None if data.labels is None else data.labels[: len(images)]
+        metric = "top1" if labels is not None else "agreement"
+
+        def score(logits):
+            return accuracy(logits, labels)["top1"] if labels is not None else fidelity(logits, reference)["agreement"]
+
+        base = score(reference)
+        rows = []
+        for scheme in sweep.sensitivity.schemes or sweep.schemes[:1]:
+            for bits in sweep.bits:
+                for name, layer in quantizable_layers(module):
+                    original = layer.weight.detach().clone()
+                    with torch.no_grad():
+                        layer.weight.copy_(quantize_tensor(original, scheme, bits, settings["granularity"],
+                                                           settings["group_size"]).dequantize())
+                    value = score(predict(module, images, sweep.evaluation.batch_size)[0])
+                    with torch.no_grad():
+                        layer.weight.copy_(original)
+                    rows.append({"layer": name, "scheme": scheme, "bits": bits, metric: value, "drop": base - value})
+    _write_json(path, {"settings": settings, "metric": metric, "fp32": base, "rows": rows})
+    return {"sensitivity": str(path)}
+
+
+def add_superclass_scores(records: list[ModelRecord], rows: list[dict]) -> list[dict]:
+    """Each row with its model's super-class scores, from its stored logits and the current clusters."""
+    by_model = {record.model: record for record in records}
+    scored = []
+    for row in rows:
+        record = by_model.get(row["model"])
+        logits_path = Path(row["logits"]) if row.get("logits") else record and record.dir / "fp32_logits.safetensors"
+        clusters_path = record and record.dir / "clusters.json"
+        if row["status"] != "ok" or not clusters_path or not clusters_path.exists() or not logits_path.exists():
+            scored.append(row)
+            continue
+        clusters = json.loads(clusters_path.read_text())
+        if clusters["source"] is None:
+            scored.append(row)
+            continue
+        reference = load_file(record.dir / "fp32_logits.safetensors")
+        logits = load_file(logits_path)["logits"]
+        chosen = clusters[clusters["source"]]
+        scores = superclass_scores(logits, reference.get("labels"), reference["logits"], chosen["groups"])
+        scores["super_k"] = chosen["k"]
+        if clusters["natural"] and "labels" in reference:
+            natural = superclass_scores(logits, reference["labels"], reference["logits"],
+                                        clusters["natural"]["groups"])
+            scores["super_top1_natural"] = natural["super_top1"]
+        scored.append(row | scores)
+    return scored
 
 
 def cell_key(record: ModelRecord, cell: Cell) -> str:
@@ -222,13 +368,25 @@ def quantize_cell(sweep: Sweep, record: ModelRecord, cell: Cell) -> dict:
     if (folder / "packed.json").exists() and path.exists():
         return json.loads((folder / "packed.json").read_text()) | {"packed": str(path)}
     with TRACING.shared():
-        quantized = quantize_model(fp32_module(record), cell.scheme, cell.bits, cell.granularity, cell.policy,
-                                   group_size=cell.group_size)
+        with get_registry().blame("scheme", cell.scheme):  # a plugin's bug fails the cell, naming the plugin
+            quantized = quantize_model(fp32_module(record), cell.scheme, cell.bits, cell.granularity, cell.policy,
+                                       group_size=cell.group_size, recipe=None if cell.recipe == "none" else cell.recipe)
         save_packed(quantized, path, record.arch, record.arch_kwargs)
     info = {"packed": str(path), "quantized_layers": len(quantized.quantized_layers),
             "bytes_stored": path.stat().st_size, "entropy_bytes": code_entropy_bytes(quantized)}
     _write_json(folder / "packed.json", info)  # last: its presence means the packed file is complete
     return info
+
+
+def profile_cell(sweep: Sweep, record: ModelRecord, cell: Cell, packed: str) -> dict:
+    """The profile step for a cell: the weight distributions its packed file really holds."""
+    path = Path(packed).parent / "profile.json"
+    if not path.exists():
+        layers, _, _ = read_packed(packed)
+        quantized = {name: (layer.dequantize(), layer.codes(), layer.bits) for name, layer in layers.items()}
+        _write_json(path, profile_layers(_fp32_weights(record), quantized))
+    whole = json.loads(path.read_text())[-1]
+    return {"sqnr_db": whole["sqnr_db"], "zero_fraction": whole["zero_fraction"], "profile": str(path)}
 
 
 def compile_kernels() -> dict:
@@ -251,8 +409,11 @@ def evaluate_cell(sweep: Sweep, record: ModelRecord, cell: Cell, packed: str) ->
         module = load_packed(Path(packed), cell.kernel, calibration=calibration)
     reference = load_file(record.dir / "fp32_logits.safetensors")["logits"]
     with TRACING.shared():
-        row, _ = _measure(sweep, module, data, reference)
-    return row | {"compiled": extension() is not None if cell.kernel == "weight-only" else None}
+        row, logits = _measure(sweep, module, data, reference)
+    logits_path = cell_dir(sweep, record, cell) / "logits.safetensors"
+    _save_logits(logits_path, logits, None)
+    return row | {"compiled": extension() is not None if cell.kernel == "weight-only" else None,
+                  "logits": str(logits_path)}
 
 
 def compress_sizes(sweep: Sweep, path: Path) -> dict:
@@ -261,17 +422,21 @@ def compress_sizes(sweep: Sweep, path: Path) -> dict:
     for name in sweep.compressors:
         suffix = get_registry().get("compressor", name).suffix
         archive = Path(f"{path}{suffix}")  # archives are written atomically: one that exists is whole
-        sizes[f"bytes_{name}"] = (archive if archive.exists() else compress_file(Path(path), name)).stat().st_size
+        if not archive.exists():
+            with get_registry().blame("compressor", name):
+                compress_file(Path(path), name)
+        sizes[f"bytes_{name}"] = archive.stat().st_size
     return sizes
 
 
-def finish_cell(sweep: Sweep, record: ModelRecord, cell: Cell, packed: dict, metrics: dict, sizes: dict,
-                seconds: float) -> dict:
-    """Assemble the cell's row, with deltas against fp32 as in the paper's tables, and keep it."""
+def finish_cell(sweep: Sweep, record: ModelRecord, cell: Cell, parts: dict[str, dict], seconds: float) -> dict:
+    """Assemble the cell's row from its steps' records, with deltas against fp32 as in the paper's tables,
+    and keep it."""
     base = record.baseline
     row = _identity(sweep, cell) | {"status": "ok", "params": record.params, "key": cell_key(record, cell),
                                     "seconds": seconds}
-    row |= {k: v for k, v in packed.items() if k != "packed"} | metrics | sizes
+    for part in parts.values():
+        row |= {k: v for k, v in part.items() if k != "packed"}
     if "top1" in row:
         row["drop_top1"] = base["top1"] - row["top1"]
         row["delta_acc_pct"] = 100 * row["drop_top1"] / base["top1"] if base["top1"] else None
@@ -285,21 +450,41 @@ def finish_cell(sweep: Sweep, record: ModelRecord, cell: Cell, packed: dict, met
 def _identity(sweep: Sweep, cell: Cell) -> dict:
     return {"sweep": sweep.name, "model": cell.model, "scheme": cell.scheme, "bits": cell.bits,
             "granularity": cell.granularity, "group_size": cell.group_size, "policy": cell.policy.label,
-            "kernel": cell.kernel}
+            "recipe": cell.recipe, "kernel": cell.kernel}
 
 
 def failed_row(sweep: Sweep, cell: Cell, error: str) -> dict:
     return _identity(sweep, cell) | {"status": "failed", "error": error}
 
 
-def write_results(sweep: Sweep, rows: list[dict]) -> Path:
-    """results.csv and results.json in the run directory, each replaced atomically."""
+def _write_table(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """``path`` as CSV (floats to 6 significant digits) and beside it the same rows as JSON."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    with atomic_path(sweep.run_dir / "results.csv") as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_text(buffer.getvalue())
-    _write_json(sweep.run_dir / "results.json", rows)
-    return sweep.run_dir / "results.csv"
+    _write_json(path.with_suffix(".json"), rows)
+
+
+IDENTITY = ["sweep", "model", "scheme", "bits", "granularity", "group_size", "policy", "recipe"]
+PROFILE_COLUMNS = [*IDENTITY, "layer", "layer_bits", *STATS]
+
+
+def write_results(sweep: Sweep, records: list[ModelRecord], rows: list[dict]) -> list[dict]:
+    """results.csv/.json and profile.csv/.json in the run directory; the rows, with super-class scores."""
+    rows = add_superclass_scores(records, rows)
+    _write_table(sweep.run_dir / "results.csv", COLUMNS, rows)
+    profiles, seen = [], set()
+    by_model = {record.model: record for record in records}
+    for row in rows:
+        path = row.get("profile") or (row["scheme"] == "fp32" and by_model[row["model"]].dir / "profile.json")
+        if not path or str(path) in seen or not Path(path).exists():
+            continue
+        seen.add(str(path))
+        identity = {k: row.get(k) for k in IDENTITY}
+        profiles += [identity | layer for layer in json.loads(Path(path).read_text())]
+    _write_table(sweep.run_dir / "profile.csv", PROFILE_COLUMNS, profiles)
+    return rows

@@ -17,6 +17,9 @@ from bitsweep.errors import BitsweepError
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_SUPERCLASSES = {"tops": ["T-shirt/top", "Pullover", "Coat", "Shirt"],
+                              "footwear": ["Sandal", "Sneaker", "Ankle boot"],
+                              "trouser": ["Trouser"], "dress": ["Dress"], "bag": ["Bag"]}
 # Pixel mean and std of the 60k training images (in [0, 1]), measured once on the official files.
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860406, 0.3530242
 _FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", 60000),
@@ -89,7 +92,8 @@ class FashionMNIST(Dataset):
             pixels, labels = pixels[:n], labels[:n]
         images = torch.from_numpy(pixels.copy()).unsqueeze(1).float().div_(255)
         images = images.sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD)
-        return ImageSet(images, torch.from_numpy(labels.astype(np.int64)), list(FASHION_MNIST_CLASSES))
+        return ImageSet(images, torch.from_numpy(labels.astype(np.int64)), list(FASHION_MNIST_CLASSES),
+                        FASHION_MNIST_SUPERCLASSES)
 
 
 class Synthetic(Dataset):

@@ -45,6 +45,14 @@ def load_photos() -> list[Image.Image]:
     return [Image.fromarray(getattr(data, name)()).convert("RGB") for name in PHOTOS]
 
 
+def imagenet_class_names() -> list[str]:
+    """ImageNet-1k's class names (the first synonym of each), which models judged on these photos predict."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [info.index_to_description(i).split(",")[0] for i in range(info.num_classes())]
+
+
 class Photos(Dataset):
     name = "photos"
     description = (f"{len(PHOTOS)} unlabelled photos from scikit-image x {DEFAULT_VIEWS} crops (option views:), "
@@ -59,7 +67,7 @@ class Photos(Dataset):
         _check_split(self.name, split)
         count = _positive_int(self.name, "views", options.get("views", DEFAULT_VIEWS))
         views = [view for photo in load_photos() for view in views_of(photo, count)]
-        return ImageSet(preprocess(views, data_config), labels=None, class_names=[])
+        return ImageSet(preprocess(views, data_config), labels=None, class_names=imagenet_class_names())
 
 
 @bitsweep.hookimpl

@@ -1,9 +1,14 @@
 """Shared fixtures: real trained conv weights, and a subprocess runner for the CLI."""
 
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+from types import SimpleNamespace
 
 # Prefect reads its settings at import: keep its home private and offline before anything imports it.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="bitsweep-prefect-"))
@@ -13,8 +18,10 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 # The packed kernels are built once per test session (subprocesses inherit the folder), not in the user cache.
 os.environ.setdefault("BITSWEEP_KERNELS_DIR", tempfile.mkdtemp(prefix="bitsweep-kernels-"))
 
+import httpx  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +51,87 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PrefectServer:
+    """A real ``prefect server start`` (through ``bitsweep server``) on a free loopback port, with its own database."""
+
+    def __init__(self, home):
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.api = f"{self.url}/api"
+        self.env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": self.api}
+        self.log = home / "server.log"
+        with open(self.log, "w") as log:
+            command = [sys.executable, "-m", "bitsweep", "server", "--port", self.url.rsplit(":", 1)[1]]
+            self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text()
+            try:
+                if httpx.get(f"{self.api}/health", timeout=2).json() is True:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"prefect server did not answer within 180 s: {self.log.read_text()[-2000:]}")
+
+    def get(self, path):
+        response = httpx.get(f"{self.api}{path}", timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+    def post(self, path, body):
+        response = httpx.post(f"{self.api}{path}", json=body, timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+    def stop(self):
+        os.killpg(self.process.pid, signal.SIGINT)  # the server and the processes it started
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """One real Prefect server for the deployment and UI tests."""
+    server = PrefectServer(tmp_path_factory.mktemp("prefect-server"))
+    yield server
+    server.stop()
+
+
+DEPLOYED_CRON = "0 3 * * *"
+
+
+@pytest.fixture(scope="session")
+def deployed_run(prefect_server, tmp_path_factory):
+    """The tiny sweep deployed with a cron schedule, triggered with ``prefect deployment run`` and run by a
+    process worker (``--run-once``: it takes the scheduled run, waits for it and exits)."""
+    from test_sweep import write_config
+
+    folder = tmp_path_factory.mktemp("deployed")
+    config = yaml.safe_load(write_config(folder).read_text())
+    config["deployments"] = [{"name": "tiny-nightly", "sweep": "tiny", "cron": DEPLOYED_CRON}]
+    (folder / "flows.yaml").write_text(yaml.safe_dump(config))
+    env = {**prefect_server.env, "BITSWEEP_CACHE": str(folder / "cache")}
+    prefect = [sys.executable, "-m", "prefect"]
+
+    def run(command, timeout=300):
+        return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
+
+    deployed = run([sys.executable, "-m", "bitsweep", "deploy"])
+    assert deployed.returncode == 0, deployed.stderr
+    triggered = run([*prefect, "deployment", "run", "bitsweep/tiny-nightly"])
+    assert triggered.returncode == 0, triggered.stdout + triggered.stderr
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", triggered.stdout).group(1)
+    worker = run([*prefect, "worker", "start", "--pool", "bitsweep", "--run-once"], timeout=600)
+    return SimpleNamespace(folder=folder, env=env, deployed=deployed, worker=worker, flow_run_id=flow_run_id)

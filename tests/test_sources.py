@@ -80,7 +80,8 @@ def test_photos_are_deterministic_views_through_the_model_transform():
     config = pretrained_config("tf_efficientnet_lite0")
     photos = Photos().load("test", {}, config)
     assert photos.images.shape == (len(PHOTOS) * DEFAULT_VIEWS, 3, 224, 224)
-    assert photos.labels is None and photos.class_names == []
+    assert photos.labels is None and len(photos.class_names) == 1000
+    assert (photos.class_names[0], photos.class_names[281]) == ("tench", "tabby")  # ImageNet-1k's own order
     # View 0 is the whole photo through timm's own eval transform; view 1 differs from it.
     chelsea = PHOTOS.index("chelsea") * DEFAULT_VIEWS
     whole = timm.data.create_transform(**config)(Image.fromarray(data.chelsea()))

@@ -50,7 +50,7 @@ def stable(rows):
 @pytest.fixture
 def counted_steps(monkeypatch):
     """Count calls of each step function (the flow calls them through the module)."""
-    calls = {"prepare_model": 0, "quantize_cell": 0, "evaluate_cell": 0, "compress_sizes": 0}
+    calls = {"prepare_model": 0, "quantize_cell": 0, "evaluate_cell": 0, "compress_sizes": 0, "profile_cell": 0}
     for name in calls:
         original = getattr(steps, name)
 
@@ -68,7 +68,8 @@ def test_flow_rows_then_rerun_executes_no_step(tmp_path, monkeypatch, prefect_ha
     monkeypatch.setenv("BITSWEEP_CACHE", str(tmp_path / "cache"))
     config = write_config(tmp_path)
     rows = sweep_flow(config_path=str(config))
-    assert counted_steps == {"prepare_model": 1, "quantize_cell": 8, "evaluate_cell": 8, "compress_sizes": 9}
+    assert counted_steps == {"prepare_model": 1, "quantize_cell": 8, "evaluate_cell": 8, "compress_sizes": 9,
+                             "profile_cell": 8}
     assert len(rows) == 9 and all(r["status"] == "ok" for r in rows)
     cells = {(r["scheme"], r["bits"], r["policy"]) for r in rows if r["scheme"] != "fp32"}
     assert cells == {(s, b, p) for s in ("asymmetric", "pow2") for b in (8, 4) for p in ("full", "keep_first=1")}
@@ -90,15 +91,17 @@ def test_flow_rows_then_rerun_executes_no_step(tmp_path, monkeypatch, prefect_ha
     assert stable(written) == stable(rows)
     assert (tmp_path / "run" / "results.csv").read_text().splitlines()[0].startswith("sweep,model,scheme,bits")
 
-    artifacts = {a.key: a for a in prefect_artifacts(["tiny-results", "tiny-summary", "tiny-progress"])}
+    artifacts = {a.key: a for a in prefect_artifacts(["tiny-results", "tiny-report", "tiny-progress"])}
     assert len(json.loads(artifacts["tiny-results"].data)) == 9
-    assert "| test_efficientnet |" in artifacts["tiny-summary"].data
+    report = artifacts["tiny-report"].data
+    assert "| test_efficientnet |" in report and report.count("](data:image/png;base64,") == 6
     assert artifacts["tiny-progress"].data == 100.0
 
     for name in counted_steps:
         counted_steps[name] = 0
     again = sweep_flow(config_path=str(config))
-    assert counted_steps == {"prepare_model": 0, "quantize_cell": 0, "evaluate_cell": 0, "compress_sizes": 0}
+    assert counted_steps == {"prepare_model": 0, "quantize_cell": 0, "evaluate_cell": 0, "compress_sizes": 0,
+                             "profile_cell": 0}
     assert stable(again) == stable(rows)
 
 
@@ -144,7 +147,8 @@ def test_failed_cell_is_recorded_others_finish_and_exit_is_nonzero(tmp_path):
     rows = json.loads((tmp_path / "run" / "results.json").read_text())
     failed = [r for r in rows if r["status"] == "failed"]
     assert {(r["bits"], r["policy"]) for r in failed} == {(3, "full"), (3, "keep_first=1")}
-    assert all("quantize: RuntimeError: this scheme cannot do 3 bits" == r["error"] for r in failed)
+    assert all(r["error"] == "quantize: BitsweepError: scheme 'broken3' of plugin 'broken3' (distribution "
+               "bitsweep-broken3 1.0) failed: RuntimeError: this scheme cannot do 3 bits" for r in failed)
     assert sum(r["status"] == "ok" for r in rows) == 3
 
 
@@ -186,7 +190,8 @@ def test_kernel_paths_share_one_packed_file(tmp_path, monkeypatch, prefect_harne
     config["sweeps"][0] |= {"kernels": ["weight-only", "int8"], "policies": ["full"]}
     (tmp_path / "flows.yaml").write_text(yaml.safe_dump(config))
     rows = sweep_flow(config_path=str(tmp_path / "flows.yaml"))
-    assert counted_steps == {"prepare_model": 1, "quantize_cell": 1, "evaluate_cell": 2, "compress_sizes": 2}
+    assert counted_steps == {"prepare_model": 1, "quantize_cell": 1, "evaluate_cell": 2, "compress_sizes": 2,
+                             "profile_cell": 1}
     weight_only, int8 = (next(r for r in rows if r.get("kernel") == k) for k in ("weight-only", "int8"))
     assert weight_only["bytes_stored"] == int8["bytes_stored"] and weight_only["key"] != int8["key"]
     assert weight_only["agreement"] >= 95 and int8["agreement"] >= 80 and int8["latency_b1_ms"] > 0
@@ -199,3 +204,19 @@ def test_plan_covers_the_grid(tmp_path):
     assert len(cells) == 2 * 3 * 2 and len({c.label for c in cells}) == 12
     assert steps.Cell(model="resnet18", scheme="pow2", bits=4, granularity="channel", group_size=None,
                       policy=sweep.policies[0]).label == "resnet18 pow2 4b"
+
+
+def test_recipes_are_an_axis_with_their_own_packed_files(tmp_path, monkeypatch, prefect_harness):
+    from bitsweep.flows.sweep import sweep_flow
+
+    monkeypatch.setenv("BITSWEEP_CACHE", str(tmp_path / "cache"))
+    config = yaml.safe_load(write_config(tmp_path, schemes=("symmetric",), bits=(4,)).read_text())
+    config["sweeps"][0] |= {"recipes": ["none", "mse"], "policies": ["full"]}
+    (tmp_path / "flows.yaml").write_text(yaml.safe_dump(config))
+    rows = sweep_flow(config_path=str(tmp_path / "flows.yaml"))
+    naive, clipped = (next(r for r in rows if r.get("recipe") == name) for name in ("none", "mse"))
+    assert naive["key"] != clipped["key"] and len(list((tmp_path / "run" / "packed").glob("*/model.safetensors"))) == 2
+    assert clipped["sqnr_db"] >= naive["sqnr_db"] - 1e-9, "MSE clipping never adds weight error"
+    assert clipped["bytes_stored"] == naive["bytes_stored"], "same widths, same packed size"
+    profile = json.loads((tmp_path / "run" / "profile.json").read_text())
+    assert {r["recipe"] for r in profile} == {"", "none", "mse"}

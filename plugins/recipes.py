@@ -1,0 +1,23 @@
+"""The built-in recipes, registered through the same hook as a third party's."""
+
+import bitsweep
+from bitsweep.recipes import Pipeline
+
+
+@bitsweep.hookimpl
+def register_recipes():
+    return [
+        Pipeline("mse", "per-row clipping that minimises the weights' squared rounding error", clip_p=2.0),
+        Pipeline("bias", "plain rounding, then DFQ bias correction from BatchNorm-matched synthetic inputs",
+                 bias_correction="layer"),
+        Pipeline("bias-seq", "plain rounding, then sequential bias correction: each layer's output mean "
+                 "matched to fp32 with the shifts upstream included", bias_correction="sequential"),
+        Pipeline("fold", "BatchNorm folded into the conv weights before plain rounding", fold=True),
+        Pipeline("cle", "BatchNorm folding and cross-layer equalization (ReLU/ReLU6, depthwise chains)",
+                 equalize=True),
+        Pipeline("mse-bias", "mse clipping, then bias correction", clip_p=2.0, bias_correction="layer"),
+        Pipeline("mse-bias-seq", "mse clipping, then sequential bias correction", clip_p=2.0,
+                 bias_correction="sequential"),
+        Pipeline("dfq", "folding, equalization, mse clipping and bias correction", equalize=True, clip_p=2.0,
+                 bias_correction="layer"),
+    ]
