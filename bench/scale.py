@@ -27,6 +27,7 @@ import yaml
 
 from bitsweep import sweep as steps  # no Prefect in bitsweep's core: its settings are read later
 from bitsweep.config import load_config
+from checks import report
 
 WORKERS = 2
 TARGET_MS = {"thread": 50, "dask": 200}
@@ -139,10 +140,7 @@ def main() -> int:
                    (f"{kind}: overhead ms per cell", overhead_ms, f"<= {TARGET_MS[kind]}",
                     overhead_ms <= TARGET_MS[kind]),
                    (f"{kind}: every task run on the server", float(ok), "== 1", ok)]
-    print(f"{'measure':<38} {'value':>9}  {'target':<8} result")
-    for name, value, target, ok in checks:
-        print(f"{name:<38} {value:>9.1f}  {target:<8} {'ok' if ok else 'MISSED'}")
-    return 0 if all(ok for *_, ok in checks) else 1
+    return report(checks, width=38, digits=1)
 
 
 if __name__ == "__main__":

@@ -16,21 +16,19 @@ import threading
 import time
 from pathlib import Path
 
-for key, value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
-                   "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-                   "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
-                   "PREFECT_LOGGING_HANDLERS_CONSOLE_FLOW_RUNS_LEVEL": "CRITICAL",
-                   "PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL": "CRITICAL"}.items():
-    os.environ.setdefault(key, value)
+from bitsweep.cli import _prefect_environment
+
+_prefect_environment()  # the CLI's offline-safe settings, before Prefect is imported
 
 import yaml  # noqa: E402
-from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 from bitsweep import sweep as steps  # noqa: E402
 from bitsweep.flows.sweep import sweep_flow  # noqa: E402
 from bitsweep.registry import get_registry  # noqa: E402
+from checks import report  # noqa: E402
 
-STEPS = ("prepare_model", "quantize_cell", "evaluate_cell", "compress_sizes")
+STEPS = ("prepare_model", "profile_model", "cluster_model", "layer_sensitivity", "quantize_cell", "evaluate_cell",
+         "compress_sizes", "profile_cell")
 
 
 def instrument():
@@ -73,9 +71,8 @@ def main() -> int:
 
     workers = os.cpu_count() or 1
     seconds, calls = instrument()
-    flow = sweep_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
     start = time.perf_counter()
-    rows = flow(config_path=str(bench_config))
+    rows = sweep_flow(config_path=str(bench_config), runner="thread", max_workers=workers)
     wall = time.perf_counter() - start
     inside = sum(seconds.values())
     overhead = wall - inside / workers
@@ -89,10 +86,7 @@ def main() -> int:
     ]
     print(f"default sweep: {len(rows)} rows in {wall:.1f} s wall on {workers} workers; "
           f"{inside:.1f} s inside step functions ({', '.join(f'{k} {v:.1f}' for k, v in seconds.items())})")
-    print(f"{'measure':<34} {'value':>9}  {'target':<8} result")
-    for name, value, target, ok in checks:
-        print(f"{name:<34} {value:>9.2f}  {target:<8} {'ok' if ok else 'MISSED'}")
-    return 0 if all(ok for *_, ok in checks) else 1
+    return report(checks)
 
 
 if __name__ == "__main__":

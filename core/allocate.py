@@ -9,7 +9,6 @@ and sweeps.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -44,7 +43,7 @@ def sensitivity(model: nn.Module, scheme: str, widths, granularity: str = "chann
     ``inputs`` defaults to the BatchNorm-matched synthetic inputs recipes use; each layer
     sees its fp32 input from one pass of the fp32 model.
     """
-    from bitsweep.recipes import synthetic_inputs
+    from bitsweep.recipes import run_with_hooks, synthetic_inputs
 
     for width in widths:
         QuantSpec(scheme, width, granularity, group_size)
@@ -66,12 +65,7 @@ def sensitivity(model: nn.Module, scheme: str, widths, granularity: str = "chann
             result[name][width] = 10 * math.log10(max(signal, 1e-300) / max(noise, 1e-300))
         busy.discard(name)
 
-    handles = [m.register_forward_hook(functools.partial(measure, n)) for n, m in model.named_modules() if n in names]
-    try:
-        model.eval()(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(model, inputs, names, measure)
     return result
 
 

@@ -177,7 +177,8 @@ class _Shifts:
             hook.remove()
 
 
-def _run_with_hooks(model: nn.Module, inputs: torch.Tensor, names, hook) -> None:
+def run_with_hooks(model: nn.Module, inputs: torch.Tensor, names, hook) -> None:
+    """One eval-mode pass of ``model`` with ``hook(name, module, args, output)`` on the named modules."""
     handles = [m.register_forward_hook(functools.partial(hook, n)) for n, m in model.named_modules() if n in names]
     try:
         model.eval()(inputs)
@@ -203,9 +204,9 @@ def correct_bias(reference: nn.Module, quantized: nn.Module, inputs: torch.Tenso
     try:
         if sequential:
             means = {}
-            _run_with_hooks(reference, inputs, records,
+            run_with_hooks(reference, inputs, records,
                             lambda name, layer, args, out: means.__setitem__(name, _channel_mean(layer, out)[0]))
-            _run_with_hooks(quantized, inputs, records, lambda name, layer, args, out: shifts.remove(
+            run_with_hooks(quantized, inputs, records, lambda name, layer, args, out: shifts.remove(
                 layer, name, out, _channel_mean(layer, out)[0] - means[name]))
         else:
             deltas, busy = {}, set()
@@ -216,12 +217,12 @@ def correct_bias(reference: nn.Module, quantized: nn.Module, inputs: torch.Tenso
                     deltas[name] = _layer_delta(layer, args[0], modules[name].weight - layer.weight)
                     busy.discard(name)
 
-            _run_with_hooks(reference, inputs, records, measure)
+            run_with_hooks(reference, inputs, records, measure)
 
             def apply(name, layer, args, out):  # a replay on the quantized model, so each shift finds its norm
                 shifts.remove(layer, name, out, deltas[name])
 
-            _run_with_hooks(quantized, inputs, records, apply)
+            run_with_hooks(quantized, inputs, records, apply)
     finally:
         shifts.close()
     return shifts.applied

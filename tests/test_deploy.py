@@ -60,9 +60,11 @@ def test_worker_stops_promptly_on_ctrl_c(prefect_server, tmp_path):
     pool = "ctrl-c-test"
     log = tmp_path / "worker.log"
     with open(log, "w") as out:
+        # As from a terminal: a background job (CI's shell, nohup) may have SIGINT ignored, which children inherit.
         worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type",
                                    "process"], env=prefect_server.env, stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+                                  start_new_session=True,
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         online = []
