@@ -19,14 +19,14 @@ WHOLE_MODEL = "(model)"  # the layer name of the row that pools every Conv/Linea
 
 
 def weight_stats(values: torch.Tensor, reference: torch.Tensor | None = None,
-                 codes: torch.Tensor | None = None) -> dict:
+                 codes: torch.Tensor | None = None, count_levels: bool = True) -> dict:
     """Distribution statistics of one weight tensor.
 
     ``reference`` (the fp32 weights) gives the SQNR in dB; ``codes`` (the integer codes) count
-    the levels used, else distinct values are counted. Quartiles interpolate linearly (numpy's
-    default); whiskers end at the last weights within 1.5 IQR of the box (never inside it), as
-    matplotlib draws them;
-    kurtosis is the excess (Fisher) kurtosis of the population, as ``scipy.stats.kurtosis``.
+    the levels used, else distinct values are counted (skipped with ``count_levels=False``).
+    Quartiles interpolate linearly (numpy's default); whiskers end at the last weights within
+    1.5 IQR of the box (never inside it), as matplotlib draws them; kurtosis is the excess
+    (Fisher) kurtosis of the population, as ``scipy.stats.kurtosis``.
     """
     x = values.detach().reshape(-1).double().numpy()
     q1, median, q3 = np.quantile(x, [0.25, 0.5, 0.75])
@@ -42,7 +42,7 @@ def weight_stats(values: torch.Tensor, reference: torch.Tensor | None = None,
              "std": float(math.sqrt(m2)), "q1": float(q1), "median": float(median), "q3": float(q3),
              "iqr": float(iqr), "whislo": float(min(inside.min(), q1)), "whishi": float(max(inside.max(), q3)),
              "outlier_fraction": float(1 - inside.size / x.size), "kurtosis": kurtosis,
-             "zero_fraction": float(np.mean(x == 0)), "levels": int(torch.unique(counted).numel()),
+             "zero_fraction": float(np.mean(x == 0)), "levels": int(torch.unique(counted).numel()) if count_levels else None,
              "sqnr_db": None}
     if reference is not None:
         stats["sqnr_db"] = sqnr_db(reference, values)
@@ -75,6 +75,6 @@ def profile_layers(fp32: dict[str, torch.Tensor],
             rows.append({"layer": name, "layer_bits": 32} | weight_stats(weight))
         pooled.append(values.reshape(-1))
     reference = torch.cat([w.reshape(-1) for w in fp32.values()])
-    whole = weight_stats(torch.cat(pooled), reference if quantized else None)
-    rows.append({"layer": WHOLE_MODEL, "layer_bits": None} | whole | {"levels": None})
+    whole = weight_stats(torch.cat(pooled), reference if quantized else None, count_levels=False)
+    rows.append({"layer": WHOLE_MODEL, "layer_bits": None} | whole)
     return rows

@@ -317,20 +317,22 @@ def layer_sensitivity(sweep: Sweep, record: ModelRecord) -> dict:
 
 def add_superclass_scores(records: list[ModelRecord], rows: list[dict]) -> list[dict]:
     """Each row with its model's super-class scores, from its stored logits and the current clusters."""
-    by_model = {record.model: record for record in records}
+    per_model = {}  # model -> (clusters, fp32 logits and labels), each read once
+    for record in records:
+        path = record.dir / "clusters.json"
+        clusters = json.loads(path.read_text()) if path.exists() else {"source": None}
+        if clusters["source"] is not None:
+            per_model[record.model] = (clusters, load_file(record.dir / "fp32_logits.safetensors"), record)
     scored = []
     for row in rows:
-        record = by_model.get(row["model"])
-        logits_path = Path(row["logits"]) if row.get("logits") else record and record.dir / "fp32_logits.safetensors"
-        clusters_path = record and record.dir / "clusters.json"
-        if row["status"] != "ok" or not clusters_path or not clusters_path.exists() or not logits_path.exists():
+        if row["status"] != "ok" or row["model"] not in per_model:
             scored.append(row)
             continue
-        clusters = json.loads(clusters_path.read_text())
-        if clusters["source"] is None:
+        clusters, reference, record = per_model[row["model"]]
+        logits_path = Path(row["logits"]) if row.get("logits") else record.dir / "fp32_logits.safetensors"
+        if not logits_path.exists():
             scored.append(row)
             continue
-        reference = load_file(record.dir / "fp32_logits.safetensors")
         logits = load_file(logits_path)["logits"]
         chosen = clusters[clusters["source"]]
         scores = superclass_scores(logits, reference.get("labels"), reference["logits"], chosen["groups"])

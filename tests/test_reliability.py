@@ -8,12 +8,14 @@ own process, raises or waits at one step, chosen by $FRAGILE; core has no test-o
 import contextlib
 import json
 import os
+import pickletools
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -364,9 +366,12 @@ class Payload:
 def test_a_malicious_checkpoint_is_refused_and_its_payload_never_runs(site, tmp_path):
     mark, evil = tmp_path / "payload-ran", tmp_path / "evil.pth"
     torch.save({"conv_stem.weight": Payload(str(mark))}, evil)  # a real torch.save file
-    torch.load(evil, weights_only=False)  # the control: an unsafe load does run it
-    assert mark.read_text() == "ran"
-    mark.unlink()
+    # The control, read without unpickling: the file's pickle really calls builtins.exec with the payload.
+    with zipfile.ZipFile(evil) as archive:
+        pickled = archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
+    strings = [arg for _, arg, _ in pickletools.genops(pickled) if isinstance(arg, str)]
+    assert any(s.split()[-1:] == ["exec"] for s in strings), strings  # GLOBAL '__builtin__ exec' (or 'builtins')
+    assert any(str(mark) in s for s in strings) and not mark.exists()
     config = sweep_config(tmp_path)
     data = yaml.safe_load(config.read_text())
     data["sweeps"][0]["models"] = [{"source": "checkpoint", "name": "test_efficientnet", "checkpoint": str(evil)}]
