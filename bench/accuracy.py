@@ -3,8 +3,9 @@
     .venv/bin/python bench/accuracy.py            # full: exit 1 if an acceptance target of issue 8 is missed
     .venv/bin/python bench/accuracy.py --quick    # 2000 test images, widths 8/6/4/3, four recipes
 
-Models: the Fashion-MNIST-trained models of flows.yaml's default sweep (taken from the cache,
-trained on first use) judged by top-1 on the test images, and Google's EfficientNet-Lite0
+Models: the Fashion-MNIST-trained models of flows.yaml's default sweep and resnet18 trained on
+scikit-learn's digits (taken from the cache, trained on first use), judged by top-1 on their test
+images, and Google's EfficientNet-Lite0
 judged by top-1 agreement and KL with its fp32 self on the offline photos (8 views each).
 Every quantized model goes through ``save_packed`` -> ``load_packed`` (weight-only path)
 before it is evaluated. No recipe sees a real image.
@@ -33,22 +34,30 @@ BITS = (8, 6, 5, 4, 3)
 # The acceptance targets of issue 8, met by the best scheme x recipe (or the one scheme named)
 FASHION_TARGETS = ((4, None, 0.5), (3, None, 2.0), (6, "pow2", 2.0))  # bits, scheme, max drop (points)
 LITE0_TARGETS = ((8, 97.0), (6, 90.0))  # bits, min agreement (%)
+DIGITS = {"name": "digits"}, [{"source": "trained", "name": "resnet18", "label": "resnet18-digits", "epochs": 12,
+                               "batch_size": 64, "lr": 0.003}]
+DIGITS_TARGETS = ((4, None, 1.0),)
 
 
-def fashion_models(limit: int | None):
-    """(label, LoadedModel, test ImageSet) for each model of the default fashion-mnist sweep."""
-    config = yaml.safe_load((ROOT / "flows.yaml").read_text())
-    sweep = next(s for s in config["sweeps"] if s["name"] == "fashion-mnist")
-    dataset = get_registry().get("dataset", sweep["dataset"]["name"])
-    options = {k: v for k, v in sweep["dataset"].items() if k != "name"}
+def trained_models(dataset_entry: dict, model_entries: list[dict], limit: int | None):
+    """(label, LoadedModel, test ImageSet) for each model trained on ``dataset_entry`` (cached after the first run)."""
+    dataset = get_registry().get("dataset", dataset_entry["name"])
+    options = {k: v for k, v in dataset_entry.items() if k != "name"}
     from bitsweep.sweep import cache_dir
 
     context = LoadContext(dataset=dataset, dataset_options=options, cache_dir=cache_dir())
     test = dataset.load("test", options | ({"limit": limit} if limit else {}))
-    for entry in sweep["models"]:
+    for entry in model_entries:
         spec = ModelSpec(**entry)
         loaded = get_registry().get("model source", spec.source).load(spec, context)
         yield spec.id, loaded, test
+
+
+def fashion_models(limit: int | None):
+    """The models of flows.yaml's default fashion-mnist sweep."""
+    config = yaml.safe_load((ROOT / "flows.yaml").read_text())
+    sweep = next(s for s in config["sweeps"] if s["name"] == "fashion-mnist")
+    return trained_models(sweep["dataset"], sweep["models"], limit)
 
 
 def lite0():
@@ -123,7 +132,7 @@ def check(rows: list[dict]) -> list[str]:
                     missed.append(f"lite0 {bits}b: best agreement {best['agreement']:.2f} % "
                                   f"({best['scheme']}/{best['recipe']}) < {floor} %")
             continue
-        for bits, scheme, limit in FASHION_TARGETS:
+        for bits, scheme, limit in DIGITS_TARGETS if model == DIGITS[1][0]["label"] else FASHION_TARGETS:
             chosen = [r for r in cells if r["bits"] == bits and scheme in (None, r["scheme"])]
             best = min(chosen, key=lambda r: r["drop"], default=None)
             if best is not None and best["drop"] > limit:
@@ -153,7 +162,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="2000 test images, widths 8/6/4/3, recipes naive/mse/bias/dfq")
-    parser.add_argument("--models", default="fashion,lite0", help="comma-separated: fashion, lite0")
+    parser.add_argument("--models", default="fashion,digits,lite0", help="comma-separated: fashion, digits, lite0")
     parser.add_argument("--schemes", default=",".join(SCHEMES))
     parser.add_argument("--bits", default=None, help="comma-separated widths (default 8,6,5,4,3)")
     parser.add_argument("--recipes", default=None, help="comma-separated; 'naive' is plain rounding")
@@ -171,6 +180,7 @@ def main() -> int:
         # Trained models are cached under a key that includes the thread count they were trained with
         # (the machine's default): load them first, then measure on one thread.
         sources = list(fashion_models(2000 if args.quick else None)) if "fashion" in chosen else []
+        sources += list(trained_models(*DIGITS, None)) if "digits" in chosen else []
         torch.set_num_threads(1)
         if "lite0" in chosen:
             sources.append(lite0())

@@ -131,6 +131,9 @@ def main() -> int:
         sweep_flow(config_path=str(warm), runner="thread", max_workers=WORKERS)
         results = [(kind, *run(kind)) for kind in kinds]
     finally:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all()  # the runs' last logs reach the server before it stops
         os.killpg(server.pid, signal.SIGINT)
         server.wait(timeout=60)
     checks = []

@@ -22,6 +22,7 @@ from torch import nn
 
 from bitsweep.equalize import equalize, fold_batchnorm
 from bitsweep.errors import BitsweepError
+from bitsweep.gptq import error_feedback, input_moments
 from bitsweep.quantize import Policy, quantizable_layers, quantize_layers
 from bitsweep.schemes import _TINY, QuantizedTensor, QuantSpec, _column, _rows, _unrows, quantize_tensor
 
@@ -230,16 +231,17 @@ def correct_bias(reference: nn.Module, quantized: nn.Module, inputs: torch.Tenso
 
 class Pipeline(Recipe):
     """A recipe made of optional steps, in this order: fold BatchNorm, equalize, round (plain or with
-    an Lp clipping search), correct biases (``bias_correction``: ``"layer"`` or ``"sequential"``)."""
+    an Lp clipping search; then, with ``error_feedback``, GPTQ on that grid), correct biases
+    (``bias_correction``: ``"layer"`` or ``"sequential"``)."""
 
     def __init__(self, name: str, description: str, *, fold: bool = False, equalize: bool = False,
-                 clip_p: float | None = None, bias_correction: str | None = None):
+                 clip_p: float | None = None, error_feedback: bool = False, bias_correction: str | None = None):
         if bias_correction not in (None, "layer", "sequential"):
             raise BitsweepError(f"recipe {name!r}: bias_correction {bias_correction!r} is not understood; "
                                 "use None, 'layer' or 'sequential'")
         self.name, self.description = name, description
         self.fold, self.equalize = fold or equalize, equalize
-        self.clip_p, self.bias_correction = clip_p, bias_correction
+        self.clip_p, self.error_feedback, self.bias_correction = clip_p, error_feedback, bias_correction
 
     def rounding(self, w, scheme, bits, granularity, group_size):
         if self.clip_p is None:
@@ -253,10 +255,18 @@ class Pipeline(Recipe):
             if self.equalize:
                 quantized_names = set(policy.plan([name for name, _ in quantizable_layers(work)], spec.bits))
                 equalize(work, spec.granularity, bounds, quantized_names)
-        quantized = quantize_layers(copy.deepcopy(work) if self.bias_correction else work, spec, policy,
-                                    self.rounding)
+        target = copy.deepcopy(work) if self.bias_correction else work
+        rounding = self._with_feedback(model, work, target, spec, policy) if self.error_feedback else self.rounding
+        quantized = quantize_layers(target, spec, policy, rounding)
         if self.bias_correction and quantized.quantized_layers:
             # Synthesised for the input model: folding keeps the function, not the norms' statistics.
             correct_bias(work, quantized, synthetic_inputs(model), self.bias_correction == "sequential")
         return quantized
 
+    def _with_feedback(self, model, work, target, spec, policy):
+        """This recipe's rounding followed by GPTQ, for ``target``'s layers: their input statistics are
+        ``work``'s (fp32, after folding) on inputs synthesised for ``model``."""
+        moments = input_moments(work, synthetic_inputs(model),
+                                policy.plan([name for name, _ in quantizable_layers(work)], spec.bits))
+        layer_of = {id(layer.weight): name for name, layer in quantizable_layers(target)}
+        return lambda w, *args: error_feedback(w, moments[layer_of[id(w)]], self.rounding(w, *args))

@@ -3,9 +3,11 @@ threads in the flow's process, or Dask — the scheduler at ``address``, else a 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
+import socket
 
 from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
@@ -26,18 +28,40 @@ def settings(base: Runner, kind: str | None = None, address: str | None = None,
 
 
 def check_scheduler(address: str) -> None:
-    """Fail fast, in one line, when no Dask scheduler answers at ``address``."""
-    from distributed import Client
+    """Fail fast, in one line, unless a Dask scheduler answers at ``address``."""
+    from distributed.comm.addressing import parse_address, parse_host_port
 
     quiet = logging.getLogger("distributed")
     level, quiet.level = quiet.level, logging.CRITICAL  # its connection retries would each log a warning
     try:
-        Client(address, timeout=CONNECT_SECONDS, set_as_default=False).close()
+        protocol, location = parse_address(address)
+        if protocol in ("tcp", "tls"):  # a refused port is known at once; Dask would retry it until the timeout
+            socket.create_connection(parse_host_port(location), timeout=CONNECT_SECONDS).close()
+        identity = asyncio.run(asyncio.wait_for(_identity(address), CONNECT_SECONDS))  # whatever answers
     except (OSError, TimeoutError) as exc:
-        raise BitsweepError(f"no Dask scheduler answers at {address} ({first_line(exc)}); start one with "
+        reason = first_line(exc) or f"no reply in {CONNECT_SECONDS} s"
+        raise BitsweepError(f"no Dask scheduler answers at {address} ({reason}); start one with "
                             f"`dask scheduler` or fix runner.address / --address") from None
+    except Exception as exc:  # e.g. an HTTP server: its reply read as a Dask frame can be any size
+        identity = {"type": f"a reply Dask cannot read ({type(exc).__name__})"}
     finally:
         quiet.level = level
+    if not isinstance(identity, dict) or identity.get("type") != "Scheduler":
+        found = identity.get("type") if isinstance(identity, dict) else type(identity).__name__
+        raise BitsweepError(f"{address} is not a Dask scheduler (it sent {found}); give the scheduler's address "
+                            f"in runner.address / --address")
+
+
+async def _identity(address: str):
+    """What the server at ``address`` says it is, over Dask's own protocol."""
+    from distributed.comm import connect
+
+    comm = await connect(address, timeout=CONNECT_SECONDS)
+    try:
+        await comm.write({"op": "identity", "reply": True})
+        return await comm.read()
+    finally:
+        comm.abort()
 
 
 def task_runner(runner: Runner, threads: int) -> TaskRunner:

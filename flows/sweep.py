@@ -1,7 +1,7 @@
 """The sweep as a Prefect flow, shaped like the pipeline:
 
     load model ─► fp32 baseline ─► profile fp32 ─► cluster classes ─► compile kernels
-      ─► for each cell: quantize+pack ─► evaluate ∥ compress ∥ profile ─► row
+      ─► for each packed file, in parallel: quantize+pack ─► compress ─► profile ─► evaluate each kernel ─► rows
       ─► results ─► report
 
 Tasks pass paths and small records; the work is plain functions in ``bitsweep.sweep``.
@@ -52,8 +52,38 @@ def load_model(sweep: Sweep, spec) -> steps.ModelRecord:
 
 
 @_task
-def quantize(sweep: Sweep, record: steps.ModelRecord, cell: steps.Cell) -> dict:
-    return _timed(steps.quantize_cell, sweep, record, cell)
+def quantize(sweep: Sweep, record: steps.ModelRecord, packing: steps.Cell, cells: list[steps.Cell]) -> list[dict]:
+    """Quantize and pack one file, then run the steps that read it — compress, profile, and evaluate for each
+    of its cells — as task runs of their own inside this one: one submission per packed file, however many
+    steps (on Dask each submission costs a round trip and a worker-side Prefect client)."""
+    logger = get_run_logger()
+
+    def failed(cells, stage, exc) -> list[dict]:
+        rows = [steps.failed_row(sweep, cell, f"{stage}: {type(exc).__name__}: {exc}") for cell in cells]
+        for row, cell in zip(rows, cells):
+            logger.error(f"{cell.label}: {row['error']}")
+        return rows
+
+    shared = {"quantize": _timed(steps.quantize_cell, sweep, record, packing)}  # a failure fails this task
+    path = shared["quantize"]["packed"]
+    stage = "compress"
+    try:
+        shared["compress"] = _named(compress, packing)(sweep, packing, path)
+        stage = "profile"
+        shared["profile"] = _named(profile, packing)(sweep, record, packing, path)
+    except Exception as exc:
+        return failed(cells, stage, exc)
+    rows = []
+    for cell in cells:
+        try:
+            evaluated = _named(evaluate, cell)(sweep, record, cell, path)
+        except Exception as exc:
+            rows += failed([cell], "evaluate", exc)
+            continue
+        parts = {stage: dict(part) for stage, part in shared.items()} | {"evaluate": evaluated}
+        seconds = sum(part.pop("step_seconds") for part in parts.values())
+        rows.append(steps.finish_cell(sweep, record, cell, parts, seconds))
+    return rows
 
 
 @_task
@@ -112,80 +142,43 @@ def _load_models(sweep: Sweep) -> list[steps.ModelRecord]:
 
 def _run_cells(sweep: Sweep, records: list[steps.ModelRecord], progress: Callable[[dict], None],
                budget: MemoryBudget) -> list[dict]:
-    """Quantize and pack each missing cell once, then evaluate it on each kernel path while its
-    packed file is compressed. A packed file's steps start only when their memory fits the budget."""
+    """Each missing packed file's task, started when its memory fits the budget; rows as they finish."""
     torch.set_num_threads(sweep.evaluation.threads)
-    rows, running, parts, cells_by_pack = [], {}, {}, {}  # parts: cell key -> finished steps' results
-    waiting, holding = [], {}  # packings not yet started; pack key -> [bytes held, steps unfinished]
+    rows, waiting, groups = [], [], {}  # waiting: (record, packing, its cells) not yet started
+    for record in records:
+        for cell in steps.plan_cells(sweep, record.model):
+            if cached := steps.cached_row(sweep, record, cell):
+                rows.append(cached)
+                progress(cached)
+            elif (key := steps.cell_key(record, cell.packing)) in groups:
+                groups[key].append(cell)
+            else:
+                groups[key] = [cell]
+                waiting.append((record, cell.packing, groups[key]))
+
+    running, finished = {}, queue.SimpleQueue()
 
     def start_waiting():
         while waiting and budget.admit(cell_bytes(waiting[0][0].params)):
-            record, packing = waiting.pop(0)
-            holding[steps.cell_key(record, packing)] = [cell_bytes(record.params), 1]
-            running[_named(quantize, packing).submit(sweep, record, packing)] = ("quantize", record, packing)
+            record, packing, cells = waiting.pop(0)
+            future = _named(quantize, packing).submit(sweep, record, packing, cells)
+            running[future] = (record, packing, cells)
+            future.add_done_callback(finished.put)
 
-    def finished_step(record, cell):  # after the steps it leads to are counted
-        held = holding[steps.cell_key(record, cell.packing)]
-        held[1] -= 1
-        if not held[1]:
-            budget.release(held[0])
-            start_waiting()
-    for record in records:
-        for cell in steps.plan_cells(sweep, record.model):
-            cached = steps.cached_row(sweep, record, cell)
-            if cached:
-                rows.append(cached)
-                progress(cached)
-                continue
-            packing = cell.packing
-            pack_key = steps.cell_key(record, packing)
-            if pack_key not in cells_by_pack:
-                cells_by_pack[pack_key] = []
-                waiting.append((record, packing))
-            cells_by_pack[pack_key].append(cell)
     start_waiting()
-
-    def fail(record, cells, stage, exc):
-        for cell in cells:
-            parts[steps.cell_key(record, cell)] = None
-            row = steps.failed_row(sweep, cell, f"{stage}: {type(exc).__name__}: {exc}")
-            get_run_logger().error(f"{cell.label}: {row['error']}")
+    while running:
+        future = finished.get()
+        record, packing, cells = running.pop(future)
+        budget.release(cell_bytes(record.params))
+        try:
+            new = future.result()
+        except Exception as exc:  # quantize failed, or its worker was lost with it
+            new = [steps.failed_row(sweep, cell, f"quantize: {type(exc).__name__}: {exc}") for cell in cells]
+            get_run_logger().error(f"{packing.label}: {new[0]['error']}")
+        for row in new:
             rows.append(row)
             progress(row)
-
-    finished, watched = queue.SimpleQueue(), set()
-    while running:
-        for future in running.keys() - watched:  # one callback each: as_completed(running) adds one per call,
-            watched.add(future)                   # and on Dask each is a round trip: quadratic in the cells
-            future.add_done_callback(finished.put)
-        future = finished.get()
-        stage, record, cell = running.pop(future)
-        cells = cells_by_pack[steps.cell_key(record, cell)] if stage in ("quantize", "compress", "profile") else [cell]
-        cells = [c for c in cells if parts.get(steps.cell_key(record, c), {}) is not None]  # a sibling step failed
-        try:
-            result = future.result()
-        except Exception as exc:
-            fail(record, cells, stage, exc)
-            finished_step(record, cell)
-            continue
-        if stage == "quantize":
-            holding[steps.cell_key(record, cell)][1] += len(cells) + 2  # evaluates, compress, profile
-            for each in cells:
-                parts[steps.cell_key(record, each)] = {"quantize": dict(result)}
-                running[_named(evaluate, each).submit(sweep, record, each, result["packed"])] = ("evaluate", record, each)
-            running[_named(compress, cell).submit(sweep, cell, result["packed"])] = ("compress", record, cell)
-            running[_named(profile, cell).submit(sweep, record, cell, result["packed"])] = ("profile", record, cell)
-            finished_step(record, cell)
-            continue
-        finished_step(record, cell)
-        for each in cells:
-            done = parts[steps.cell_key(record, each)]
-            done[stage] = dict(result)
-            if len(done) == 4:  # quantize, evaluate, compress, profile
-                seconds = sum(part.pop("step_seconds") for part in done.values())
-                row = steps.finish_cell(sweep, record, each, done, seconds)
-                rows.append(row)
-                progress(row)
+        start_waiting()
     return rows
 
 

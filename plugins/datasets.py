@@ -1,4 +1,5 @@
-"""Built-in datasets: Fashion-MNIST from Debian's package (real labelled images offline) and a synthetic set for tests."""
+"""Built-in datasets: Fashion-MNIST from Debian's package and scikit-learn's digits (real labelled images
+offline), and a synthetic set for tests."""
 
 from __future__ import annotations
 
@@ -96,6 +97,37 @@ class FashionMNIST(Dataset):
                         FASHION_MNIST_SUPERCLASSES)
 
 
+class Digits(Dataset):
+    """scikit-learn's copy of the UCI handwritten digits (1797 images, 8x8, 17 grey levels), shipped in its wheel:
+    a second real labelled set that needs no download. Every fifth image is a test image."""
+
+    name = "digits"
+    description = "handwritten digits 0-9 from scikit-learn (UCI), 8x8 grey upscaled to `size` (32), 1437/360 split"
+
+    def load(self, split: str, options: dict, data_config: dict | None = None) -> ImageSet:
+        _check_options(self.name, options, {"size", "limit"})
+        _check_split(self.name, split)
+        size = _positive_int(self.name, "size", options.get("size", 32))
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError:
+            raise BitsweepError("dataset 'digits' needs scikit-learn; install it with `pip install scikit-learn`") \
+                from None
+        digits = load_digits()
+        pixels = torch.from_numpy(digits.images).float().div_(16).unsqueeze(1)
+        labels = torch.from_numpy(digits.target.astype(np.int64))
+        test = torch.arange(len(labels)) % 5 == 0
+        train_pixels = pixels[~test]
+        chosen = test if split == "test" else ~test
+        pixels, labels = pixels[chosen], labels[chosen]
+        if "limit" in options:
+            n = _positive_int(self.name, "limit", options["limit"])
+            pixels, labels = pixels[:n], labels[:n]
+        images = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False)
+        images = images.sub_(train_pixels.mean()).div_(train_pixels.std())  # the training images' statistics
+        return ImageSet(images, labels, [str(digit) for digit in range(10)])
+
+
 class Synthetic(Dataset):
     """Per-class smooth random prototypes plus noise: learnable in seconds, for tests only."""
 
@@ -123,4 +155,4 @@ class Synthetic(Dataset):
 
 @bitsweep.hookimpl
 def register_datasets():
-    return [FashionMNIST(), Synthetic()]
+    return [FashionMNIST(), Digits(), Synthetic()]

@@ -18,6 +18,10 @@ def register_recipes():
         Pipeline("mse-bias", "mse clipping, then bias correction", clip_p=2.0, bias_correction="layer"),
         Pipeline("mse-bias-seq", "mse clipping, then sequential bias correction", clip_p=2.0,
                  bias_correction="sequential"),
+        Pipeline("gptq", "GPTQ error-feedback rounding, the layers' input statistics from BatchNorm-matched "
+                 "synthetic inputs", error_feedback=True),
+        Pipeline("gptq-bias", "gptq, then bias correction", error_feedback=True, bias_correction="layer"),
+        Pipeline("mse-gptq", "mse clipping for the grid, then gptq on it", clip_p=2.0, error_feedback=True),
         Pipeline("dfq", "folding, equalization, mse clipping and bias correction", equalize=True, clip_p=2.0,
                  bias_correction="layer"),
     ]

@@ -2,6 +2,8 @@
 very rows threads give; workers load each model once; a dead address fails fast; the memory cap holds."""
 
 import json
+import socket
+import threading
 import time
 
 import pytest
@@ -67,6 +69,25 @@ def test_unreachable_scheduler_fails_within_30_s_in_one_line(tmp_path, run_cli):
     elapsed = time.monotonic() - start
     assert result.returncode == 2 and elapsed <= 30, (elapsed, result.stderr)
     assert result.stderr.startswith(f"bitsweep: error: no Dask scheduler answers at {address}")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_address_that_is_not_a_scheduler_fails_in_one_line(tmp_path, run_cli):
+    """A web server where the scheduler should be: its reply, read as a Dask frame, has an absurd length."""
+    def answer_http(listener):
+        while True:
+            connection, _ = listener.accept()
+            with connection:
+                connection.sendall(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        threading.Thread(target=answer_http, args=(listener,), daemon=True).start()
+        address = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+        result = run_cli("run", "--config", str(write_config(tmp_path)), "--address", address)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"bitsweep: error: {address} is not a Dask scheduler (it sent a reply Dask "
+                                    f"cannot read"), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "run").exists()
 

@@ -12,7 +12,7 @@ import bitsweep.plugins.datasets as builtin_datasets
 from bitsweep import hookspecs
 from bitsweep.datasets import ImageSet, content_hash
 from bitsweep.errors import BitsweepError
-from bitsweep.plugins.datasets import FASHION_MNIST_DIR, FashionMNIST, Synthetic
+from bitsweep.plugins.datasets import FASHION_MNIST_DIR, Digits, FashionMNIST, Synthetic
 from bitsweep.evaluate import accuracy, predict
 from bitsweep.train import TrainRecipe, classifier_kwargs, train_classifier
 
@@ -24,7 +24,7 @@ def test_builtins_register_through_the_public_hook():
     manager.add_hookspecs(hookspecs)
     manager.register(builtin_datasets)
     (datasets,) = manager.hook.register_datasets()
-    assert [d.name for d in datasets] == ["fashion-mnist", "synthetic"]
+    assert [d.name for d in datasets] == ["fashion-mnist", "digits", "synthetic"]
 
 
 def test_fashion_mnist_reads_the_official_debian_files():
@@ -121,3 +121,22 @@ def test_vit_is_built_for_small_images():
     assert "img_size" not in classifier_kwargs("resnet10t", 10, 1, 28), "CNNs take any input size"
     with pytest.raises(BitsweepError, match="unknown timm architecture"):
         classifier_kwargs("resnet_that_does_not_exist", 10, 1, 28)
+
+
+def test_digits_are_scikit_learns_images_split_one_in_five():
+    from sklearn.datasets import load_digits
+
+    original = load_digits()
+    train = Digits().load("train", {"size": 8})
+    test = Digits().load("test", {"size": 8})
+    assert (len(train.labels), len(test.labels)) == (1437, 360)
+    assert torch.equal(test.labels, torch.from_numpy(original.target[::5]).long())
+    assert torch.equal(torch.cat([train.labels, test.labels]).sort().values,
+                       torch.from_numpy(original.target).long().sort().values)
+    # At 8x8 the pixels are the originals, standardised with the training images' mean and std.
+    pixels = torch.from_numpy(original.images[::5]).float() / 16
+    rest = torch.from_numpy(original.images).float()[torch.arange(1797) % 5 != 0] / 16
+    torch.testing.assert_close(test.images[:, 0], (pixels - rest.mean()) / rest.std())
+    assert Digits().load("test", {"limit": 7}).images.shape == (7, 1, 32, 32)
+    with pytest.raises(BitsweepError, match="dataset 'digits': option size must be a positive integer, got 0"):
+        Digits().load("test", {"size": 0})

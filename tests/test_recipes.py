@@ -289,7 +289,7 @@ def test_sequential_bias_correction_matches_every_layers_output_mean():
         assert not torch.allclose(naive, model(x).mean(0), atol=1e-3)
 
 
-@pytest.mark.parametrize("recipe", ["mse", "bias", "bias-seq", "cle", "dfq"])
+@pytest.mark.parametrize("recipe", ["mse", "bias", "bias-seq", "cle", "dfq", "gptq", "gptq-bias"])
 def test_every_recipe_packs_and_runs_from_the_packed_file(resnet, recipe, tmp_path):
     quantized = bitsweep.quantize_model(resnet, "asymmetric", 4, policy={"keep_first": 1}, recipe=recipe)
     layers = [name for name, _ in quantizable_layers(resnet)]
