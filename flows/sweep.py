@@ -51,19 +51,19 @@ def load_model(sweep: Sweep, spec) -> steps.ModelRecord:
     return steps.prepare_model(sweep, spec)
 
 
+def _failed(sweep: Sweep, cells: list[steps.Cell], stage: str, exc: Exception) -> list[dict]:
+    """The rows of ``cells`` failed at ``stage``, each error logged on the run."""
+    rows = [steps.failed_row(sweep, cell, f"{stage}: {type(exc).__name__}: {exc}") for cell in cells]
+    for row, cell in zip(rows, cells):
+        get_run_logger().error(f"{cell.label}: {row['error']}")
+    return rows
+
+
 @_task
 def quantize(sweep: Sweep, record: steps.ModelRecord, packing: steps.Cell, cells: list[steps.Cell]) -> list[dict]:
     """Quantize and pack one file, then run the steps that read it — compress, profile, and evaluate for each
     of its cells — as task runs of their own inside this one: one submission per packed file, however many
     steps (on Dask each submission costs a round trip and a worker-side Prefect client)."""
-    logger = get_run_logger()
-
-    def failed(cells, stage, exc) -> list[dict]:
-        rows = [steps.failed_row(sweep, cell, f"{stage}: {type(exc).__name__}: {exc}") for cell in cells]
-        for row, cell in zip(rows, cells):
-            logger.error(f"{cell.label}: {row['error']}")
-        return rows
-
     shared = {"quantize": _timed(steps.quantize_cell, sweep, record, packing)}  # a failure fails this task
     path = shared["quantize"]["packed"]
     stage = "compress"
@@ -72,15 +72,15 @@ def quantize(sweep: Sweep, record: steps.ModelRecord, packing: steps.Cell, cells
         stage = "profile"
         shared["profile"] = _named(profile, packing)(sweep, record, packing, path)
     except Exception as exc:
-        return failed(cells, stage, exc)
+        return _failed(sweep, cells, stage, exc)
     rows = []
     for cell in cells:
         try:
             evaluated = _named(evaluate, cell)(sweep, record, cell, path)
         except Exception as exc:
-            rows += failed([cell], "evaluate", exc)
+            rows += _failed(sweep, [cell], "evaluate", exc)
             continue
-        parts = {stage: dict(part) for stage, part in shared.items()} | {"evaluate": evaluated}
+        parts = {step: dict(part) for step, part in shared.items()} | {"evaluate": evaluated}
         seconds = sum(part.pop("step_seconds") for part in parts.values())
         rows.append(steps.finish_cell(sweep, record, cell, parts, seconds))
     return rows
@@ -173,8 +173,7 @@ def _run_cells(sweep: Sweep, records: list[steps.ModelRecord], progress: Callabl
         try:
             new = future.result()
         except Exception as exc:  # quantize failed, or its worker was lost with it
-            new = [steps.failed_row(sweep, cell, f"quantize: {type(exc).__name__}: {exc}") for cell in cells]
-            get_run_logger().error(f"{packing.label}: {new[0]['error']}")
+            new = _failed(sweep, cells, "quantize", exc)
         for row in new:
             rows.append(row)
             progress(row)
