@@ -34,13 +34,14 @@ def write_config(tmp_path, schemes=("asymmetric", "pow2"), bits=(8, 4), name="ti
     return path
 
 
-def prefect_artifacts(keys):
-    """The flow's artifacts, read back from the Prefect server's API."""
+def prefect_artifacts(flow_run_id):
+    """One flow run's artifacts by key, read back from the Prefect server's API (other tests' runs share the keys)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
-        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+        found = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {a.key: a for a in found}
 
 
 def stable(rows):
@@ -67,7 +68,8 @@ def test_flow_rows_then_rerun_executes_no_step(tmp_path, monkeypatch, prefect_ha
 
     monkeypatch.setenv("BITSWEEP_CACHE", str(tmp_path / "cache"))
     config = write_config(tmp_path)
-    rows = sweep_flow(config_path=str(config))
+    state = sweep_flow(config_path=str(config), return_state=True)
+    rows = state.result()
     assert counted_steps == {"prepare_model": 1, "quantize_cell": 8, "evaluate_cell": 8, "compress_sizes": 9,
                              "profile_cell": 8}
     assert len(rows) == 9 and all(r["status"] == "ok" for r in rows)
@@ -91,7 +93,7 @@ def test_flow_rows_then_rerun_executes_no_step(tmp_path, monkeypatch, prefect_ha
     assert stable(written) == stable(rows)
     assert (tmp_path / "run" / "results.csv").read_text().splitlines()[0].startswith("sweep,model,scheme,bits")
 
-    artifacts = {a.key: a for a in prefect_artifacts(["tiny-results", "tiny-report", "tiny-progress"])}
+    artifacts = prefect_artifacts(state.state_details.flow_run_id)
     assert len(json.loads(artifacts["tiny-results"].data)) == 9
     report = artifacts["tiny-report"].data
     assert "| test_efficientnet |" in report and report.count("](data:image/png;base64,") == 6
