@@ -6,7 +6,8 @@
 Models: the Fashion-MNIST-trained models of flows.yaml's default sweep and resnet18 trained on
 scikit-learn's digits (taken from the cache, trained on first use), judged by top-1 on their test
 images, and Google's EfficientNet-Lite0
-judged by top-1 agreement and KL with its fp32 self on the offline photos (8 views each).
+judged by top-1 agreement and KL with its fp32 self on the offline photos (32 views each: with 8, one
+view is 1.1 points of agreement, coarser than the targets can be judged by).
 Every quantized model goes through ``save_packed`` -> ``load_packed`` (weight-only path)
 before it is evaluated. No recipe sees a real image.
 """
@@ -23,7 +24,6 @@ import torch
 import yaml
 
 import bitsweep
-from bitsweep.allocate import allocate
 from bitsweep.evaluate import accuracy, fidelity, predict
 from bitsweep.models import LoadContext, ModelSpec
 from bitsweep.registry import get_registry
@@ -31,9 +31,13 @@ from bitsweep.registry import get_registry
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMES = ("asymmetric", "symmetric", "pow2")
 BITS = (8, 6, 5, 4, 3)
-# The acceptance targets of issue 8, met by the best scheme x recipe (or the one scheme named)
+# The acceptance targets of issue 8, met by the best scheme x recipe (or the one scheme named) at that many bits
+# per weight: one width for every layer, or that many on average over the widths ``allocate`` chose per layer
 FASHION_TARGETS = ((4, None, 0.5), (3, None, 2.0), (6, "pow2", 2.0))  # bits, scheme, max drop (points)
 LITE0_TARGETS = ((8, 97.0), (6, 90.0))  # bits, min agreement (%)
+LITE0_VIEWS = 32
+# Averages allocate plans are measured at besides the uniform widths (--budget overrides)
+BUDGETS = {"fashion": (4, 3), "digits": (), "lite0": (6,)}
 DIGITS_DATASET = {"name": "digits"}
 DIGITS_MODELS = [{"source": "trained", "name": "resnet18", "label": "resnet18-digits", "epochs": 12, "batch_size": 64,
                   "lr": 0.003}]
@@ -67,7 +71,7 @@ def lite0():
     import timm
 
     config = timm.data.resolve_data_config({}, model=loaded.module)
-    data = get_registry().get("dataset", "photos").load("test", {"views": 8}, config)
+    data = get_registry().get("dataset", "photos").load("test", {"views": LITE0_VIEWS}, config)
     return "lite0", loaded, data
 
 
@@ -85,36 +89,42 @@ def _evaluate(label, loaded, data, quantized, batch_size, folder: Path, referenc
     return row
 
 
-def measure(label, loaded, data, schemes, recipes, widths, batch_size, folder: Path,
-            budget: float | None = None) -> list[dict]:
+def measure(label, loaded, data, schemes, recipes, widths, batch_size, folder: Path, budgets=()) -> list[dict]:
     """One row per (scheme, recipe, bits): top-1 (labelled data) or agreement/KL with fp32, on the packed model;
-    with ``budget``, also per (scheme, recipe) with the widths ``allocate`` chose for that average."""
+    per budget, also per (scheme, recipe) with the policy ``{allocate: true}``: the widths ``allocate`` picks per
+    layer for that average (``average_bits``)."""
     reference, _ = predict(loaded.module, data.images, batch_size)
     fp32 = accuracy(reference, data.labels)
     rows = [{"model": label, "scheme": "fp32", "recipe": "", "bits": 32, **fp32, "agreement": 100.0, "kl": 0.0,
              "seconds": 0.0}]
     print(f"{label}: fp32 " + (f"top-1 {fp32['top1']:.2f}" if fp32 else "(label-free)"), flush=True)
     for scheme in schemes:
-        plans = [(bits, None) for bits in widths]
-        if budget is not None:
-            plan = allocate(loaded.module, scheme, budget)
-            print(f"  {label} {scheme}: {plan.average_bits:.3f} bits/weight on average, per layer: "
-                  + " ".join(f"{name}={bits}" for name, bits in plan.bits.items()), flush=True)
-            plans.append((f"{budget:g}avg", plan.policy()))
+        plans = [(bits, None) for bits in widths] + [(budget, {"allocate": True}) for budget in budgets]
         for bits, policy in plans:
             for recipe in recipes:
                 start = time.perf_counter()
-                quantized = bitsweep.quantize_model(loaded.module, scheme, 8 if policy else bits, policy=policy,
-                                                    recipe=recipe)
+                quantized = bitsweep.quantize_model(loaded.module, scheme, bits, policy=policy, recipe=recipe)
                 seconds = time.perf_counter() - start
+                chosen = {name: qt.bits for name, qt in quantized.quantized_layers.items()}
+                sizes = {name: qt.codes.numel() for name, qt in quantized.quantized_layers.items()}
+                average = sum(sizes[n] * chosen[n] for n in sizes) / sum(sizes.values())
+                if policy and recipe == recipes[0]:
+                    print(f"  {label} {scheme}: {average:.3f} bits/weight on average, per layer: "
+                          + " ".join(f"{name}={width}" for name, width in chosen.items()), flush=True)
                 rows.append(_evaluate(label, loaded, data, quantized, batch_size, folder, reference, fp32,
-                                      scheme=scheme, recipe=recipe or "naive", bits=bits, seconds=seconds))
+                                      scheme=scheme, recipe=recipe or "naive", bits=f"{bits}avg" if policy else bits,
+                                      average_bits=average, seconds=seconds))
     return rows
+
+
+def _width(bits) -> str:
+    """``8b`` for a uniform width, ``6avg`` for an allocate plan's average."""
+    return f"{bits}b" if isinstance(bits, int) else bits
 
 
 def _line(row: dict) -> str:
     top1 = f"{row['top1']:6.2f} (drop {row['drop']:5.2f})" if "top1" in row else " " * 19
-    return (f"  {row['model']:<15} {row['scheme']:<10} {row['bits']}b {row['recipe']:<12} top-1 {top1}  "
+    return (f"  {row['model']:<15} {row['scheme']:<10} {_width(row['bits'])} {row['recipe']:<12} top-1 {top1}  "
             f"agreement {row['agreement']:6.2f}  KL {row['kl']:.4f}  quantize {row['seconds']:5.2f} s")
 
 
@@ -128,17 +138,17 @@ def check(rows: list[dict]) -> list[str]:
     for model, cells in by_model.items():
         if model == "lite0":
             for bits, floor in LITE0_TARGETS:
-                best = max((r for r in cells if r["bits"] == bits), key=lambda r: r["agreement"], default=None)
+                best = max((r for r in cells if r["average_bits"] <= bits), key=lambda r: r["agreement"], default=None)
                 if best is not None and best["agreement"] < floor:
                     missed.append(f"lite0 {bits}b: best agreement {best['agreement']:.2f} % "
-                                  f"({best['scheme']}/{best['recipe']}) < {floor} %")
+                                  f"({best['scheme']}/{best['recipe']}/{_width(best['bits'])}) < {floor} %")
             continue
         for bits, scheme, limit in DIGITS_TARGETS if model in {m["label"] for m in DIGITS_MODELS} else FASHION_TARGETS:
-            chosen = [r for r in cells if r["bits"] == bits and scheme in (None, r["scheme"])]
+            chosen = [r for r in cells if r["average_bits"] <= bits and scheme in (None, r["scheme"])]
             best = min(chosen, key=lambda r: r["drop"], default=None)
             if best is not None and best["drop"] > limit:
                 missed.append(f"{model} {bits}b{' ' + scheme if scheme else ''}: best drop {best['drop']:.2f} points "
-                              f"({best['scheme']}/{best['recipe']}) > {limit}")
+                              f"({best['scheme']}/{best['recipe']}/{_width(best['bits'])}) > {limit}")
     return missed
 
 
@@ -167,8 +177,9 @@ def main() -> int:
     parser.add_argument("--schemes", default=",".join(SCHEMES))
     parser.add_argument("--bits", default=None, help="comma-separated widths (default 8,6,5,4,3)")
     parser.add_argument("--recipes", default=None, help="comma-separated; 'naive' is plain rounding")
-    parser.add_argument("--budget", type=float, default=None,
-                        help="also quantize with the per-layer widths bitsweep.allocate picks for this average")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="also quantize with the per-layer widths bitsweep.allocate picks for this average "
+                             f"(default: {BUDGETS})")
     args = parser.parse_args()
     widths = [int(b) for b in args.bits.split(",")] if args.bits else ([8, 6, 4, 3] if args.quick else list(BITS))
     names = args.recipes.split(",") if args.recipes else (
@@ -180,14 +191,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bitsweep-accuracy-") as tmp:
         # Trained models are cached under a key that includes the thread count they were trained with
         # (the machine's default): load them first, then measure on one thread.
-        sources = list(fashion_models(2000 if args.quick else None)) if "fashion" in chosen else []
-        sources += list(trained_models(DIGITS_DATASET, DIGITS_MODELS, None)) if "digits" in chosen else []
+        sources = [("fashion", m) for m in fashion_models(2000 if args.quick else None)] if "fashion" in chosen else []
+        if "digits" in chosen:
+            sources += [("digits", m) for m in trained_models(DIGITS_DATASET, DIGITS_MODELS, None)]
         torch.set_num_threads(1)
         if "lite0" in chosen:
-            sources.append(lite0())
-        for label, loaded, data in sources:
-            batch = 8 if label == "lite0" else 500
-            rows += measure(label, loaded, data, schemes, recipes, widths, batch, Path(tmp), args.budget)
+            sources.append(("lite0", lite0()))
+        for kind, (label, loaded, data) in sources:
+            budgets = (args.budget,) if args.budget is not None else BUDGETS[kind]
+            rows += measure(label, loaded, data, schemes, recipes, widths, 8 if kind == "lite0" else 500, Path(tmp),
+                            budgets)
     table(rows)
     missed = check(rows)
     for line in missed:

@@ -6,7 +6,7 @@ import copy
 import fnmatch
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from bitsweep.errors import BitsweepError
@@ -22,6 +22,8 @@ class Policy(BaseModel):
     quantized when its name matches an ``include`` glob, matches no ``exclude``
     glob and is not among the first ``keep_first`` or last ``keep_last`` layers.
     ``bits`` maps name globs to a width that overrides the sweep's (first match wins).
+    ``allocate`` instead lets ``bitsweep.allocate`` choose each layer's width so that the
+    quantized weights average the width asked for, the most sensitive layers kept wider.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -32,6 +34,7 @@ class Policy(BaseModel):
     bits: dict[str, int] = Field(default_factory=dict)
     keep_first: int = Field(0, ge=0)
     keep_last: int = Field(0, ge=0)
+    allocate: bool = False
 
     @field_validator("bits")
     @classmethod
@@ -40,6 +43,12 @@ class Policy(BaseModel):
             if not MIN_BITS <= width <= MAX_BITS:
                 raise ValueError(f"bits for {pattern!r} is {width}, outside {MIN_BITS}..{MAX_BITS}")
         return bits
+
+    @model_validator(mode="after")
+    def _one_source_of_widths(self):
+        if self.allocate and self.bits:
+            raise ValueError("allocate chooses every layer's width itself; drop either bits or allocate")
+        return self
 
     @classmethod
     def parse(cls, value: Policy | str | dict | None) -> Policy:
@@ -58,7 +67,7 @@ class Policy(BaseModel):
         if self.name:
             return self.name
         changed = self.model_dump(exclude_defaults=True, exclude={"name"})
-        return ",".join(f"{k}={v}" for k, v in changed.items()) or "full"
+        return ",".join(k if v is True else f"{k}={v}" for k, v in changed.items()) or "full"
 
     def plan(self, layer_names: list[str], bits: int) -> dict[str, int]:
         """Layer name -> width, for the layers this policy quantizes."""
@@ -88,10 +97,17 @@ def quantize_model(model: nn.Module, scheme: str, bits: int, granularity: str = 
     The copy's ``quantized_layers`` maps each quantized layer's name to its
     ``QuantizedTensor`` (codes and scales), which the pack step stores.
     ``recipe`` names a registered recipe (``bitsweep.recipes()``); ``None`` rounds each weight
-    to its nearest level.
+    to its nearest level. A policy with ``allocate`` is resolved here into the widths
+    ``bitsweep.allocate`` picks for an average of ``bits``.
     """
     spec = QuantSpec(scheme, bits, granularity, group_size)  # fail on bad arguments before copying anything
     policy = Policy.parse(policy)
+    if policy.allocate:
+        from bitsweep.allocate import allocate
+
+        chosen = allocate(model, scheme, bits, granularity=granularity, group_size=group_size,
+                          policy=policy.model_copy(update={"allocate": False}))
+        policy = chosen.policy()
     if recipe is not None:
         from bitsweep.registry import get_registry
 

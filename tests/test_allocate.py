@@ -76,3 +76,20 @@ def test_layers_kept_fp32_by_the_policy_are_left_out():
     assert set(plan.bits) == {"2", "4"}
     quantized = bitsweep.quantize_model(model, "asymmetric", 8, policy=plan.policy())
     assert "0" not in quantized.quantized_layers
+
+
+def test_an_allocate_policy_quantizes_at_the_widths_allocate_picks_for_the_cells_bits():
+    model = _three_linears()
+    for recipe in (None, "bias"):
+        quantized = bitsweep.quantize_model(model, "asymmetric", 4, policy={"allocate": True, "keep_first": 1},
+                                            recipe=recipe)
+        expected = allocate(model, "asymmetric", budget=4, policy={"keep_first": 1}).bits
+        widths = {name: qt.bits for name, qt in quantized.quantized_layers.items()}
+        assert widths == expected and len(set(widths.values())) > 1  # the budget spent unevenly, layer 0 left fp32
+        sizes = {name: qt.codes.numel() for name, qt in quantized.quantized_layers.items()}
+        assert sum(sizes[n] * widths[n] for n in sizes) <= 4 * sum(sizes.values())
+
+
+def test_an_allocate_policy_with_its_own_widths_is_refused():
+    with pytest.raises(ValueError, match="allocate chooses every layer's width itself; drop either bits or allocate"):
+        bitsweep.Policy.parse({"allocate": True, "bits": {"0": 8}})

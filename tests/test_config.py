@@ -23,6 +23,8 @@ def sweep(**changes):
     ({"granularity": ["group"]}, "flows.yaml: sweeps[0]: group_size is needed exactly when granularity lists 'group'"),
     ({"policies": [{"keep_frist": 1}]}, "flows.yaml: sweeps[0].policies[0].keep_frist: unknown key"),
     ({"policies": ["half"]}, "flows.yaml: sweeps[0].policies[0]: policy 'half' is not understood"),
+    ({"policies": [{"allocate": True, "bits": {"fc": 8}}]},
+     "flows.yaml: sweeps[0].policies[0]: allocate chooses every layer's width itself; drop either bits or allocate"),
     ({"bitz": [4]}, "flows.yaml: sweeps[0].bitz: unknown key"),
     ({"name": "has space"}, "flows.yaml: sweeps[0].name: String should match pattern"),
     ({"models": []}, "flows.yaml: sweeps[0].models: List should have at least 1 item"),
@@ -58,13 +60,13 @@ def test_missing_and_malformed_files(tmp_path):
 def test_shorthands_and_defaults(tmp_path):
     path = tmp_path / "flows.yaml"
     config = sweep(models=["resnet18", {"source": "trained", "name": "resnet10t", "epochs": 2}],
-                   policies=["full", {"keep_first": 1}])
+                   policies=["full", {"keep_first": 1}, {"allocate": True, "keep_last": 1}])
     config["deployments"] = [{"name": "nightly", "sweep": "s", "cron": "0 3 * * *"}]
     path.write_text(yaml.safe_dump(config))
     parsed = load_config(path)
     s = parsed.sweeps[0]
     assert [m.source for m in s.models] == ["timm", "trained"] and s.models[1].options == {"epochs": 2}
-    assert [p.label for p in s.policies] == ["full", "keep_first=1"]
+    assert [p.label for p in s.policies] == ["full", "keep_first=1", "keep_last=1,allocate"]
     assert s.granularity == ["channel"] and s.compressors == ["gzip", "7z", "zstd"]
     assert str(s.run_dir) == "runs/s" and parsed.deployments[0].cron == "0 3 * * *"
     with pytest.raises(BitsweepError, match="no sweep named 'x'; flows.yaml has: s"):
