@@ -43,7 +43,8 @@ def sensitivity(model: nn.Module, scheme: str, widths, granularity: str = "chann
     ``inputs`` defaults to the BatchNorm-matched synthetic inputs recipes use; each layer
     sees its fp32 input from one pass of the fp32 model.
     """
-    from bitsweep.recipes import run_with_hooks, synthetic_inputs
+    from bitsweep.recipes import run_with_hooks
+    from bitsweep.synthetic import synthetic_inputs
 
     for width in widths:
         QuantSpec(scheme, width, granularity, group_size)

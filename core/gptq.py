@@ -4,7 +4,7 @@ Plain rounding treats each weight alone. GPTQ rounds a layer's input columns one
 the scheme's own grid and pushes each column's rounding error onto the columns not yet rounded,
 weighted by the inverse second moment of the layer's inputs, so the errors cancel in the layer's
 output instead of adding up. Here that second moment comes from inputs synthesised to match the
-model's BatchNorm statistics (``recipes.synthetic_inputs``): no image is used. The codes stay the
+model's BatchNorm statistics (``synthetic.synthetic_inputs``): no image is used. The codes stay the
 scheme's codes with the scales plain rounding (or a clipping search) chose, so packed files and
 kernels are unchanged.
 """

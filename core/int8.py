@@ -37,11 +37,11 @@ from torch import fx, nn
 from bitsweep.errors import BitsweepError
 from bitsweep.quantize import QUANTIZABLE, quantizable_layers
 from bitsweep.schemes import AffineScheme, QuantizedTensor
+from bitsweep.synthetic import default_input_size, synthesize
 
 ENGINE = "x86"
 _QUANTIZED = (nnq.Conv1d, nnq.Conv2d, nnq.Conv3d, nnq.Linear, nnqd.Linear)
 _DROPPABLE = (nn.Identity, nn.Dropout)
-_SYNTH_BATCH, _SYNTH_STEPS, _SYNTH_LR = 8, 30, 0.2
 _FULL_RANGE_WEIGHT = 64  # the largest |int8 weight| fbgemm takes with 8-bit activations (see _widen_activations)
 
 
@@ -200,7 +200,7 @@ def to_int8(model: nn.Module, layers: dict[str, QuantizedTensor],
         parameter.requires_grad_(False)
     _plain_linears(source)
     if input_size is None:
-        input_size = tuple(calibration[0].shape[1:]) if calibration else _default_input_size(source)
+        input_size = tuple(calibration[0].shape[1:]) if calibration else default_input_size(source)
     with _quiet(), TRACING.exclusive():
         if _is_linear_model(source, layers):
             converted, folds, input_scales = _dynamic(source, layers), {}, {}
@@ -223,13 +223,6 @@ def _plain_linears(model: nn.Module) -> None:
                 plain = nn.Linear(child.in_features, child.out_features, child.bias is not None)
                 plain.load_state_dict(child.state_dict())
                 setattr(parent, name, plain)
-
-
-def _default_input_size(model: nn.Module) -> tuple[int, ...]:
-    config = getattr(model, "pretrained_cfg", None) or {}
-    _, height, width = config.get("input_size", (3, 224, 224))
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return (first.in_channels if first is not None else 3, height, width)
 
 
 def _is_linear_model(model: nn.Module, layers: dict[str, QuantizedTensor]) -> bool:
@@ -281,7 +274,7 @@ def _static(model: nn.Module, layers: dict[str, QuantizedTensor], calibration: l
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     example = torch.zeros((1, *input_size))
-    batches = calibration if calibration else [_synthesize(model, input_size)]
+    batches = calibration if calibration else [synthesize(model, input_size)]
     graph = _trace(model, example)
     folds = _fold_batchnorm(graph)
     mapping = get_default_qconfig_mapping(ENGINE)
@@ -489,36 +482,3 @@ def _fold_batchnorm(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     gm.graph.lint()
     gm.recompile()
     return folds
-
-
-def _synthesize(model: nn.Module, input_size: tuple[int, ...]) -> torch.Tensor:
-    """Inputs whose per-layer batch statistics match the BatchNorm running stats (ZeroQ's distilled
-    data, seeded). Falls back to standard-normal inputs when the model has no BatchNorm."""
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn((_SYNTH_BATCH, *input_size), generator=generator)
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.running_var is not None]
-    if not norms:
-        return x
-    x.requires_grad_(True)
-    optimizer = torch.optim.Adam([x], lr=_SYNTH_LR)
-    losses = []
-
-    def match(norm, args):
-        h = args[0]
-        mean, var = h.mean(dim=(0, 2, 3)), h.var(dim=(0, 2, 3), unbiased=False)
-        losses.append((mean - norm.running_mean).square().mean()
-                      + (var.add(norm.eps).sqrt() - norm.running_var.add(norm.eps).sqrt()).square().mean())
-
-    hooks = [norm.register_forward_pre_hook(match) for norm in norms]
-    try:
-        with torch.enable_grad():
-            for _ in range(_SYNTH_STEPS):
-                losses.clear()
-                optimizer.zero_grad()
-                model(x)
-                torch.stack(losses).sum().backward()
-                optimizer.step()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return x.detach()

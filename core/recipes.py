@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import threading
 from abc import ABC, abstractmethod
 
 import torch
@@ -25,6 +24,7 @@ from bitsweep.errors import BitsweepError
 from bitsweep.gptq import error_feedback, input_moments
 from bitsweep.quantize import Policy, quantizable_layers, quantize_layers
 from bitsweep.schemes import _TINY, QuantizedTensor, QuantSpec, _column, _rows, _unrows, quantize_tensor
+from bitsweep.synthetic import synthetic_inputs
 
 # Clipping search: shrink factors of each row's range tried first, then a finer step around each row's best.
 _COARSE = torch.linspace(1.0, 0.24, 20).tolist()
@@ -89,44 +89,6 @@ def clip_search(w: torch.Tensor, scheme: str, bits: int, granularity: str = "cha
     shape = naive.scale.shape
     return dataclasses.replace(naive, codes=codes, scale=best_scale.reshape(shape),
                                zero_point=best_zero.reshape(shape).to(torch.int32))
-
-
-_SYNTHETIC: dict[tuple, torch.Tensor] = {}
-_SYNTHETIC_LOCK = threading.Lock()
-
-
-def input_size(model: nn.Module) -> tuple[int, ...]:
-    """The input shape (without batch) the model expects: a ViT's own image size, a plain MLP's
-    features, else timm's config."""
-    from bitsweep.int8 import _default_input_size
-
-    first = next((m for _, m in quantizable_layers(model)), None)
-    if isinstance(first, nn.Linear) and getattr(model, "patch_embed", None) is None:
-        return (first.in_features,)
-    channels, height, width = _default_input_size(model)
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if size is not None:
-        height, width = size if isinstance(size, (tuple, list)) else (size, size)
-    return channels, height, width
-
-
-def synthetic_inputs(model: nn.Module) -> torch.Tensor:
-    """Inputs synthesised to match the model's BatchNorm statistics (no real image), cached per model
-    weights: each recipe and the allocator reuse them rather than synthesising again."""
-    from bitsweep.int8 import _synthesize
-    from bitsweep.models import weights_hash
-
-    size = input_size(model)
-    key = (weights_hash(model), size)
-    with _SYNTHETIC_LOCK:
-        if key not in _SYNTHETIC:
-            model = copy.deepcopy(model).eval()
-            for parameter in model.parameters():
-                parameter.requires_grad_(False)
-            if len(_SYNTHETIC) >= 4:
-                _SYNTHETIC.pop(next(iter(_SYNTHETIC)))
-            _SYNTHETIC[key] = _synthesize(model, size)
-        return _SYNTHETIC[key]
 
 
 def _channel_mean(layer: nn.Module, out: torch.Tensor) -> tuple[torch.Tensor, int]:

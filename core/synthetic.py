@@ -1,0 +1,95 @@
+"""Inputs synthesised to match a model's BatchNorm statistics: the data of every data-free step.
+
+Recipes (bias correction, GPTQ's statistics), the width allocator and the int8 path's activation
+ranges all need inputs that look like what the model sees, and no image may be used: ZeroQ's
+distilled data (Cai et al. 2020), optimised from seeded noise until each BatchNorm's batch mean and
+variance match its running statistics.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import torch
+from torch import nn
+
+from bitsweep.quantize import quantizable_layers
+
+BATCH, STEPS, LR = 8, 30, 0.2  # images made, Adam steps and learning rate
+
+
+def default_input_size(model: nn.Module) -> tuple[int, ...]:
+    """Channels of the first conv and the height and width of timm's config (224 when it has none)."""
+    config = getattr(model, "pretrained_cfg", None) or {}
+    _, height, width = config.get("input_size", (3, 224, 224))
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return (first.in_channels if first is not None else 3, height, width)
+
+
+def input_size(model: nn.Module) -> tuple[int, ...]:
+    """The input shape (without batch) the model expects: a ViT's own image size, a plain MLP's
+    features, else timm's config."""
+    first = next((m for _, m in quantizable_layers(model)), None)
+    if isinstance(first, nn.Linear) and getattr(model, "patch_embed", None) is None:
+        return (first.in_features,)
+    channels, height, width = default_input_size(model)
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is not None:
+        height, width = size if isinstance(size, (tuple, list)) else (size, size)
+    return channels, height, width
+
+
+_CACHE: dict[tuple, torch.Tensor] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def synthetic_inputs(model: nn.Module) -> torch.Tensor:
+    """Inputs synthesised to match the model's BatchNorm statistics (no real image), cached per model
+    weights: each recipe and the allocator reuse them rather than synthesising again."""
+    from bitsweep.models import weights_hash
+
+    size = input_size(model)
+    key = (weights_hash(model), size)
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            model = copy.deepcopy(model).eval()
+            for parameter in model.parameters():
+                parameter.requires_grad_(False)
+            if len(_CACHE) >= 4:
+                _CACHE.pop(next(iter(_CACHE)))
+            _CACHE[key] = synthesize(model, size)
+        return _CACHE[key]
+
+
+def synthesize(model: nn.Module, size: tuple[int, ...]) -> torch.Tensor:
+    """Inputs whose per-layer batch statistics match the BatchNorm running stats (ZeroQ's distilled
+    data, seeded). Falls back to standard-normal inputs when the model has no BatchNorm."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((BATCH, *size), generator=generator)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.running_var is not None]
+    if not norms:
+        return x
+    x.requires_grad_(True)
+    optimizer = torch.optim.Adam([x], lr=LR)
+    losses = []
+
+    def match(norm, args):
+        h = args[0]
+        mean, var = h.mean(dim=(0, 2, 3)), h.var(dim=(0, 2, 3), unbiased=False)
+        losses.append((mean - norm.running_mean).square().mean()
+                      + (var.add(norm.eps).sqrt() - norm.running_var.add(norm.eps).sqrt()).square().mean())
+
+    hooks = [norm.register_forward_pre_hook(match) for norm in norms]
+    try:
+        with torch.enable_grad():
+            for _ in range(STEPS):
+                losses.clear()
+                optimizer.zero_grad()
+                model(x)
+                torch.stack(losses).sum().backward()
+                optimizer.step()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return x.detach()
