@@ -37,6 +37,13 @@ class Dataset(ABC):
         datasets that preprocess per model (input size, crop, mean/std); others ignore it.
         """
 
+    def check(self, options: dict) -> None:
+        """Raise ``BitsweepError`` naming the fix when ``load`` would fail for bad options or missing data.
+
+        Called for every sweep before any work starts, so a wrong path is reported in a second rather
+        than after the models are loaded; it should look at the data, not read it.
+        """
+
 
 def content_hash(data: ImageSet) -> str:
     """A short sha256 of the tensors' bytes, so caches key on content rather than on a path."""

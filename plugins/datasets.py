@@ -71,16 +71,25 @@ class FashionMNIST(Dataset):
     name = "fashion-mnist"
     description = "Zalando Fashion-MNIST, 28x28 grey, 10 classes, 60k/10k (Debian package dataset-fashion-mnist)"
 
-    def load(self, split: str, options: dict, data_config: dict | None = None) -> ImageSet:
+    def check(self, options: dict) -> None:
+        self._root(options, "test")
+
+    def _root(self, options: dict, split: str) -> Path:
+        """The folder holding ``split``'s two IDX files, or one error saying how to get them."""
         _check_options(self.name, options, {"path", "limit"})
         _check_split(self.name, split)
         root = Path(options.get("path", FASHION_MNIST_DIR)).expanduser()
-        images_file, labels_file, count = _FILES[split]
+        images_file, labels_file, _ = _FILES[split]
         missing = [name for name in (images_file, labels_file) if not (root / name).is_file()]
         if missing:
             raise BitsweepError(f"Fashion-MNIST not found at {root} (missing {', '.join(missing)}); install it with "
                                 "`apt-get install dataset-fashion-mnist` or set the dataset option `path:` "
                                 "to a directory holding the IDX .gz files")
+        return root
+
+    def load(self, split: str, options: dict, data_config: dict | None = None) -> ImageSet:
+        root = self._root(options, split)
+        images_file, labels_file, count = _FILES[split]
         pixels = read_idx(root / images_file, ndim=3)
         labels = read_idx(root / labels_file, ndim=1)
         if pixels.shape[1:] != (28, 28) or len(pixels) != len(labels) or len(labels) != count:
@@ -97,6 +106,14 @@ class FashionMNIST(Dataset):
                         FASHION_MNIST_SUPERCLASSES)
 
 
+def _load_digits():
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise BitsweepError("dataset 'digits' needs scikit-learn; install it with `pip install scikit-learn`") from None
+    return load_digits
+
+
 class Digits(Dataset):
     """scikit-learn's copy of the UCI handwritten digits (1797 images, 8x8, 17 grey levels), shipped in its wheel:
     a second real labelled set that needs no download. Every fifth image is a test image."""
@@ -104,16 +121,15 @@ class Digits(Dataset):
     name = "digits"
     description = "handwritten digits 0-9 from scikit-learn (UCI), 8x8 grey upscaled to `size` (32), 1437/360 split"
 
+    def check(self, options: dict) -> None:
+        _check_options(self.name, options, {"size", "limit"})
+        _load_digits()
+
     def load(self, split: str, options: dict, data_config: dict | None = None) -> ImageSet:
         _check_options(self.name, options, {"size", "limit"})
         _check_split(self.name, split)
         size = _positive_int(self.name, "size", options.get("size", 32))
-        try:
-            from sklearn.datasets import load_digits
-        except ImportError:
-            raise BitsweepError("dataset 'digits' needs scikit-learn; install it with `pip install scikit-learn`") \
-                from None
-        digits = load_digits()
+        digits = _load_digits()()
         pixels = torch.from_numpy(digits.images).float().div_(16).unsqueeze(1)
         labels = torch.from_numpy(digits.target.astype(np.int64))
         test = torch.arange(len(labels)) % 5 == 0
@@ -134,6 +150,9 @@ class Synthetic(Dataset):
     name = "synthetic"
     description = "deterministic synthetic images (smooth class prototypes + noise), for tests"
     defaults = {"num_classes": 4, "size": 16, "n": 256, "channels": 1, "seed": 0}
+
+    def check(self, options: dict) -> None:
+        _check_options(self.name, options, set(self.defaults))
 
     def load(self, split: str, options: dict, data_config: dict | None = None) -> ImageSet:
         _check_options(self.name, options, set(self.defaults))

@@ -81,14 +81,21 @@ class ImageFolder(Dataset):
     name = "imagefolder"
     description = "your labelled images, ImageNet-style ROOT/<class>/<image> (option path:), model's timm transforms"
 
-    def load(self, split: str, options: dict, data_config: dict | None = None) -> ImageSet:
+    def check(self, options: dict) -> None:
+        self._root(options)
+
+    def _root(self, options: dict) -> Path:
         _check_options(self.name, options, {"path", "class_index", "limit"})
-        _check_split(self.name, split)
         if "path" not in options:
             raise BitsweepError(f"dataset {self.name!r} needs the option path: pointing at a folder; {LAYOUT}")
         root = Path(options["path"]).expanduser()
         if not root.is_dir():
             raise BitsweepError(f"dataset {self.name!r}: path {root} is not a directory; {LAYOUT}")
+        return root
+
+    def load(self, split: str, options: dict, data_config: dict | None = None) -> ImageSet:
+        _check_split(self.name, split)
+        root = self._root(options)
         if split == "train":
             root = root / "train"
             if not root.is_dir():

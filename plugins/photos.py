@@ -36,12 +36,17 @@ def views_of(photo: Image.Image, count: int) -> list[Image.Image]:
     return views
 
 
-def load_photos() -> list[Image.Image]:
+def _skimage_data():
     try:
         from skimage import data
     except ImportError as exc:
         raise BitsweepError("dataset 'photos' needs scikit-image's sample photos; "
                             "run `pip install scikit-image`") from exc
+    return data
+
+
+def load_photos() -> list[Image.Image]:
+    data = _skimage_data()
     return [Image.fromarray(getattr(data, name)()).convert("RGB") for name in PHOTOS]
 
 
@@ -57,6 +62,11 @@ class Photos(Dataset):
     name = "photos"
     description = (f"{len(PHOTOS)} unlabelled photos from scikit-image x {DEFAULT_VIEWS} crops (option views:), "
                    "for agreement with fp32 only")
+
+    def check(self, options: dict) -> None:
+        _check_options(self.name, options, {"views"})
+        _positive_int(self.name, "views", options.get("views", DEFAULT_VIEWS))
+        _skimage_data()
 
     def load(self, split: str, options: dict, data_config: dict | None = None) -> ImageSet:
         _check_options(self.name, options, {"views"})

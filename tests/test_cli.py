@@ -38,6 +38,10 @@ def test_quantize_command_reports_every_layer(run_cli):
     ("{name: a, models: [{source: trained, name: test_efficientnet}], dataset: {name: fashion-mnist, path: /nope},"
      " schemes: [pow2], bits: [4]}",
      "bitsweep: error: Fashion-MNIST not found at /nope"),
+    ("{name: a, models: [resnet18], dataset: {name: imagefolder, path: /nope}, schemes: [pow2], bits: [4]}",
+     "bitsweep: error: dataset 'imagefolder': path /nope is not a directory"),
+    ("{name: a, models: [resnet18], dataset: {name: photos, view: 4}, schemes: [pow2], bits: [4]}",
+     "bitsweep: error: dataset 'photos': unknown option(s) view; allowed: views"),
     ("{name: a, models: [resnet18], dataset: {name: synthetic}, schemes: [pow2], bits: [4, 9]}",
      "bitsweep: error: flows.yaml: sweeps[0].bits[1]: 9 is outside 2..8"),
     ("{name: a, models: [resnet18], dataset: {name: synthetic}, schemes: [pow2], bits: [4",
@@ -49,3 +53,4 @@ def test_run_refuses_bad_input_in_one_line(sweep, message, tmp_path, run_cli):
     assert result.returncode == 2
     assert result.stderr.startswith(message), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "runs").exists(), "refused before the sweep started"
