@@ -106,12 +106,13 @@ class FashionMNIST(Dataset):
                         FASHION_MNIST_SUPERCLASSES)
 
 
-def _load_digits():
+def _sklearn_digits():
+    """scikit-learn's digits (images and targets), or one error saying how to get scikit-learn."""
     try:
         from sklearn.datasets import load_digits
     except ImportError:
         raise BitsweepError("dataset 'digits' needs scikit-learn; install it with `pip install scikit-learn`") from None
-    return load_digits
+    return load_digits()
 
 
 class Digits(Dataset):
@@ -121,15 +122,17 @@ class Digits(Dataset):
     name = "digits"
     description = "handwritten digits 0-9 from scikit-learn (UCI), 8x8 grey upscaled to `size` (32), 1437/360 split"
 
+    allowed_options = {"size", "limit"}
+
     def check(self, options: dict) -> None:
-        _check_options(self.name, options, {"size", "limit"})
-        _load_digits()
+        _check_options(self.name, options, self.allowed_options)
+        _sklearn_digits()
 
     def load(self, split: str, options: dict, data_config: dict | None = None) -> ImageSet:
-        _check_options(self.name, options, {"size", "limit"})
+        _check_options(self.name, options, self.allowed_options)
         _check_split(self.name, split)
         size = _positive_int(self.name, "size", options.get("size", 32))
-        digits = _load_digits()()
+        digits = _sklearn_digits()
         pixels = torch.from_numpy(digits.images).float().div_(16).unsqueeze(1)
         labels = torch.from_numpy(digits.target.astype(np.int64))
         test = torch.arange(len(labels)) % 5 == 0

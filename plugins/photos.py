@@ -64,18 +64,20 @@ class Photos(Dataset):
                    "for agreement with fp32 only")
 
     def check(self, options: dict) -> None:
-        _check_options(self.name, options, {"views"})
-        _positive_int(self.name, "views", options.get("views", DEFAULT_VIEWS))
+        self._views(options)
         _skimage_data()
 
-    def load(self, split: str, options: dict, data_config: dict | None = None) -> ImageSet:
+    def _views(self, options: dict) -> int:
         _check_options(self.name, options, {"views"})
+        return _positive_int(self.name, "views", options.get("views", DEFAULT_VIEWS))
+
+    def load(self, split: str, options: dict, data_config: dict | None = None) -> ImageSet:
+        count = self._views(options)
         if split == "train":
             raise BitsweepError(f"dataset {self.name!r} is evaluation-only (unlabelled photos, no train split); "
                                 "train on a labelled dataset such as fashion-mnist, or use trained weights "
                                 "(e.g. source: efficientnet-lite)")
         _check_split(self.name, split)
-        count = _positive_int(self.name, "views", options.get("views", DEFAULT_VIEWS))
         views = [view for photo in load_photos() for view in views_of(photo, count)]
         return ImageSet(preprocess(views, data_config), labels=None, class_names=imagenet_class_names())
 
