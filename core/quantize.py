@@ -6,7 +6,7 @@ import copy
 import fnmatch
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 from torch import nn
 
 from bitsweep.errors import BitsweepError
@@ -49,6 +49,14 @@ class Policy(BaseModel):
         if self.allocate and self.bits:
             raise ValueError("allocate chooses every layer's width itself; drop either bits or allocate")
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_default_allocate(self, handler):
+        """Policies without ``allocate`` serialise as before it existed: their cells' resume keys stay valid."""
+        data = handler(self)
+        if not self.allocate:
+            data.pop("allocate", None)
+        return data
 
     @classmethod
     def parse(cls, value: Policy | str | dict | None) -> Policy:

@@ -90,6 +90,11 @@ def test_an_allocate_policy_quantizes_at_the_widths_allocate_picks_for_the_cells
         assert sum(sizes[n] * widths[n] for n in sizes) <= 4 * sum(sizes.values())
 
 
+def test_policies_without_allocate_serialise_as_before_so_resume_keys_stay_valid():
+    assert "allocate" not in bitsweep.Policy.parse({"keep_first": 1}).model_dump(mode="json")
+    assert bitsweep.Policy.parse({"allocate": True}).model_dump(mode="json")["allocate"] is True
+
+
 def test_an_allocate_policy_with_its_own_widths_is_refused():
     with pytest.raises(ValueError, match="allocate chooses every layer's width itself; drop either bits or allocate"):
         bitsweep.Policy.parse({"allocate": True, "bits": {"0": 8}})
