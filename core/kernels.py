@@ -26,9 +26,10 @@ from bitsweep.errors import first_line
 SOURCE = Path(__file__).with_name("kernels.cpp")
 
 
-# Up to this many rows of x the fused kernel wins (measured: ~1.0x fp32 at 64 rows for linear tables,
-# while decoding slices for the BLAS gave ~0.65x); beyond it, slices are decoded for the BLAS.
-FUSED_MAX_BATCH = 64
+# Up to this many rows of x the fused kernel wins (measured side by side: 1.05-1.3x fp32 at 32 rows,
+# decoded slices 0.9-1.1x); beyond it, slices are decoded for the BLAS (at 64 rows 0.93-1.06x, fused
+# 0.75-0.97x: the fused kernel reads x once per four weight rows, and 64 rows of x outgrow the L2).
+FUSED_MAX_BATCH = 32
 
 
 class KernelWarning(UserWarning):

@@ -79,6 +79,14 @@ def test_decode_is_bit_exact_and_linear_matches_f_linear(ext, scheme, bits, monk
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
+def test_large_batches_decode_every_slice(ext, scheme):
+    """A weight of 4.8 MB in fp32 is decoded in several slices (2 MB each) for batches beyond the fused kernel's."""
+    w, weight = make_case(scheme, 3, 1200, 1000, 1000)
+    x = torch.randn(kernels.FUSED_MAX_BATCH + 8, 1000)
+    assert rel_err(w.linear(x), F.linear(x, weight)) < 1e-5
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_linear_holds_for_large_small_and_zero_activations(ext, scheme):
     w, weight = make_case(scheme, 4, 8, 600, 600)
     for factor in (1e30, 1e-20, 1.0):
