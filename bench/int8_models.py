@@ -7,6 +7,10 @@ Models have random weights (speed does not depend on them); each is fake-quantiz
 (asymmetric 4-bit, per channel: exact on int8) and converted data-free, so the
 conversion time includes synthesising calibration inputs. fp32 and int8 runs
 alternate so that load from other processes hits both alike.
+
+Beside them, when torchao is installed (``pip install torchao==0.18.0``), PyTorch's own fastest int8
+CPU path as the incumbent: pt2e static quantization with torchao's ``X86InductorQuantizer`` compiled
+by inductor (``pt2e`` columns) -- what the speed targets were set from on a CPU with AVX-512 VNNI.
 """
 
 from __future__ import annotations
@@ -28,6 +32,27 @@ TARGETS = {"resnet18": 3.0, "mobilenetv3_large_100": 3.0, "vit_tiny_patch16_224"
 SCHEME, BITS = "asymmetric", 4
 
 
+def pt2e_int8(model: torch.nn.Module, x: torch.Tensor):
+    """``model`` quantized by pt2e + ``X86InductorQuantizer`` and compiled by inductor, or ``None``
+    without torchao."""
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+    except ImportError:
+        return None
+    import torch._inductor.config
+
+    torch._inductor.config.freezing = True  # weights become constants: inductor packs them for oneDNN
+    with torch.no_grad():
+        quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+        prepared = prepare_pt2e(torch.export.export(model, (x,)).module(), quantizer)
+        for seed in range(4):
+            prepared(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)))
+        compiled = torch.compile(convert_pt2e(prepared))
+        compiled(x)
+    return compiled
+
+
 def measure(names, threads: int = 1, runs: int = 15) -> list[dict]:
     """One row per model: fp32 and int8 median ms, speedup, target, conversion seconds, exact layers."""
     torch.set_num_threads(threads)
@@ -42,13 +67,18 @@ def measure(names, threads: int = 1, runs: int = 15) -> list[dict]:
         weight_only = compile_packed(fake)
         x = torch.randn(1, 3, 224, 224)
         modules = {"fp32": model, "int8": int8, "weight-only": weight_only}
+        incumbent = pt2e_int8(model, x)
+        if incumbent is not None:
+            modules["pt2e"] = incumbent
         medians = _alternate({key: lambda _, m=m: m(x) for key, m in modules.items()}, layers=1, repeats=runs)
         speedup = medians["fp32"] / medians["int8"]
         target = TARGETS.get(name)
+        pt2e = f"{medians['fp32'] / medians['pt2e']:.2f}x" if "pt2e" in medians else "n/a (no torchao)"
         rows.append({"model": name, "fp32_ms": medians["fp32"] * 1e3, "int8_ms": medians["int8"] * 1e3,
                      "weight_only_ms": medians["weight-only"] * 1e3,
                      "speedup": speedup, "target": target, "met": target is None or speedup >= target,
-                     "convert_s": convert, "exact": f"{sum(int8.int8_exact.values())}/{len(fake.quantized_layers)}",
+                     "pt2e_speedup": pt2e, "convert_s": convert,
+                     "exact": f"{sum(int8.int8_exact.values())}/{len(fake.quantized_layers)}",
                      "fp32_layers": len(int8.fp32_layers)})
     return rows
 
