@@ -18,6 +18,9 @@ from torch import nn
 from bitsweep.errors import BitsweepError
 from bitsweep.quantize import Policy, quantizable_layers
 from bitsweep.schemes import MAX_BITS, MIN_BITS, QuantSpec, quantize_tensor
+from bitsweep.synthetic import PerModelCache, synthetic_inputs
+
+_TABLES = PerModelCache()  # sensitivity tables on the default inputs
 
 
 @dataclass
@@ -43,13 +46,20 @@ def sensitivity(model: nn.Module, scheme: str, widths, granularity: str = "chann
     ``inputs`` defaults to the BatchNorm-matched synthetic inputs recipes use; each layer
     sees its fp32 input from one pass of the fp32 model.
     """
-    from bitsweep.recipes import run_with_hooks
-    from bitsweep.synthetic import synthetic_inputs
-
     for width in widths:
         QuantSpec(scheme, width, granularity, group_size)
-    names = set(names) if names is not None else {n for n, _ in quantizable_layers(model)}
-    inputs = synthetic_inputs(model) if inputs is None else inputs
+    names = frozenset(names) if names is not None else frozenset(n for n, _ in quantizable_layers(model))
+    if inputs is None:  # the default inputs depend only on the weights: so does the table
+        key = (scheme, tuple(widths), granularity, group_size, names)
+        table = _TABLES.get(model, key, lambda: _measure(model, scheme, widths, granularity, group_size, names,
+                                                         synthetic_inputs(model)))
+        return {name: dict(row) for name, row in table.items()}
+    return _measure(model, scheme, widths, granularity, group_size, names, inputs)
+
+
+def _measure(model, scheme, widths, granularity, group_size, names, inputs) -> dict[str, dict[int, float]]:
+    from bitsweep.recipes import run_with_hooks
+
     result, busy = {}, set()
 
     def measure(name, layer, args, output):

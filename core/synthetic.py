@@ -40,26 +40,43 @@ def input_size(model: nn.Module) -> tuple[int, ...]:
     return channels, height, width
 
 
-_CACHE: dict[tuple, torch.Tensor] = {}
-_CACHE_LOCK = threading.Lock()
+class PerModelCache:
+    """The last few results of a costly data-free measurement, keyed by the model's weights and the
+    measurement's arguments: a sweep asks for the same one once per width and recipe. Computed under
+    the lock, so concurrent cells wait for one computation rather than each doing it."""
+
+    def __init__(self, size: int = 4):
+        self._items: dict[tuple, object] = {}
+        self._size = size
+        self._lock = threading.Lock()
+
+    def get(self, model: nn.Module, key: tuple, compute):
+        from bitsweep.models import weights_hash
+
+        key = (weights_hash(model), *key)
+        with self._lock:
+            if key not in self._items:
+                if len(self._items) >= self._size:
+                    self._items.pop(next(iter(self._items)))
+                self._items[key] = compute()
+            return self._items[key]
+
+
+_INPUTS = PerModelCache()
 
 
 def synthetic_inputs(model: nn.Module) -> torch.Tensor:
     """Inputs synthesised to match the model's BatchNorm statistics (no real image), cached per model
     weights: each recipe and the allocator reuse them rather than synthesising again."""
-    from bitsweep.models import weights_hash
-
     size = input_size(model)
-    key = (weights_hash(model), size)
-    with _CACHE_LOCK:
-        if key not in _CACHE:
-            model = copy.deepcopy(model).eval()
-            for parameter in model.parameters():
-                parameter.requires_grad_(False)
-            if len(_CACHE) >= 4:
-                _CACHE.pop(next(iter(_CACHE)))
-            _CACHE[key] = synthesize(model, size)
-        return _CACHE[key]
+
+    def compute():
+        frozen = copy.deepcopy(model).eval()
+        for parameter in frozen.parameters():
+            parameter.requires_grad_(False)
+        return synthesize(frozen, size)
+
+    return _INPUTS.get(model, (size,), compute)
 
 
 def synthesize(model: nn.Module, size: tuple[int, ...]) -> torch.Tensor:

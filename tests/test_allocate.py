@@ -1,5 +1,6 @@
 """Automatic partial precision: data-free sensitivity and a width plan that meets a size budget."""
 
+import importlib
 import itertools
 import math
 
@@ -36,6 +37,24 @@ def test_sensitivity_is_the_layers_output_sqnr():
     assert table["0"][3] == pytest.approx(expected, rel=1e-6)
     assert all(t[6] > t[3] for t in table.values())
     assert table["2"][3] < table["0"][3] and table["2"][3] < table["4"][3]
+
+
+def test_the_default_inputs_table_is_measured_once_per_model_weights(monkeypatch):
+    """A sweep asks for the same table once per width and recipe; new weights are measured again."""
+    recipes_module = importlib.import_module("bitsweep.recipes")  # bitsweep.recipes is also a function
+    passes = []
+    run = recipes_module.run_with_hooks
+    monkeypatch.setattr(recipes_module, "run_with_hooks", lambda *a, **k: (passes.append(1), run(*a, **k))[1])
+    model = _three_linears()
+    first = sensitivity(model, "symmetric", (3, 6))
+    first["0"][3] = 0.0  # callers get their own copy
+    again = sensitivity(model, "symmetric", (3, 6))
+    assert len(passes) == 1 and again["0"][3] != 0.0
+    assert sensitivity(model, "symmetric", (3, 6), inputs=torch.randn(8, 64)) and len(passes) == 2
+    with torch.no_grad():
+        model[0].weight[:2] *= 50  # no longer nearly silent: the middle layer's inputs change
+    changed = sensitivity(model, "symmetric", (3, 6))
+    assert len(passes) == 3 and changed["2"][3] != again["2"][3]
 
 
 def test_the_most_sensitive_layer_gets_the_most_bits_within_the_budget():
