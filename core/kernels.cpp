@@ -184,6 +184,12 @@ template <int B, int KIND>
 INLINE __m256 levels8(__m256i u, const float* lut, __m256 lo, __m256 hi) {
   if constexpr (KIND == kLinear) {
     return _mm256_cvtepi32_ps(u);
+  } else if constexpr (KIND == kPow2) {  // is_pow2's levels, built in the float's bits (no gather)
+    constexpr int L = (1 << (B - 1)) - 1;
+    const __m256i c = _mm256_sub_epi32(u, _mm256_set1_epi32(L)), a = _mm256_abs_epi32(c);
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(a, _mm256_set1_epi32(127 - L)), 23);
+    const __m256i magnitude = _mm256_and_si256(e, _mm256_cmpgt_epi32(a, _mm256_setzero_si256()));
+    return _mm256_castsi256_ps(_mm256_or_si256(magnitude, _mm256_and_si256(c, _mm256_set1_epi32(INT32_MIN))));
   } else if constexpr (B <= 3) {
     return _mm256_permutevar8x32_ps(lo, u);
   } else if constexpr (B == 4) {
@@ -294,7 +300,7 @@ void tile(const Layer& L, const Call& c, int64_t n0, int64_t m0) {
     for (int m = 0; m < MT; ++m) xv[m] = _mm256_loadu_ps(c.xs + (m0 + m) * K + k0 + 8 * q);
     for (int r = 0; r < R; ++r) {
       const uint64_t w = stream_word(L.tail, (rows[r] * L.rest + 8 * q) * B);
-      const __m256 v = levels8<B, KIND == kLinear ? kLinear : kTable>(codes8<B>(w), L.lut, lo, hi);
+      const __m256 v = levels8<B, KIND>(codes8<B>(w), L.lut, lo, hi);
       for (int m = 0; m < MT; ++m) acc[r][m][0] = _mm256_fmadd_ps(v, xv[m], acc[r][m][0]);
     }
     if (GROUPED && --left == 0) flush();
@@ -517,10 +523,13 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor prepared, int64_t N, int64_t
 
 // Dense float32 weights [N, K], computed exactly as the schemes decode: (lut[u] - zero) * scale.
 void decode_range(const Layer& L, float* out, int64_t first, int64_t last) {
-  switch (L.bits * 2 + (is_linear(L.lut, L.bits) ? 0 : 1)) {
+  // pow2 levels from their bits where a table would need a gather (> 4 bits); bit-exact either way.
+  const int kind = is_linear(L.lut, L.bits) ? kLinear : L.bits > 4 && is_pow2(L.lut, L.bits) ? kPow2 : kTable;
+  switch (L.bits * 3 + kind) {
 #define CASE(B)                                                          \
-  case 2 * B: return decode_rows<B, kLinear>(L, out, first, last);     \
-  case 2 * B + 1: return decode_rows<B, kTable>(L, out, first, last);
+  case 3 * B + kLinear: return decode_rows<B, kLinear>(L, out, first, last); \
+  case 3 * B + kTable: return decode_rows<B, kTable>(L, out, first, last);   \
+  case 3 * B + kPow2: return decode_rows<B, kPow2>(L, out, first, last);
     CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 #undef CASE
   }
