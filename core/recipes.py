@@ -23,7 +23,8 @@ from bitsweep.equalize import equalize, fold_batchnorm
 from bitsweep.errors import BitsweepError
 from bitsweep.gptq import error_feedback, input_moments
 from bitsweep.quantize import Policy, quantizable_layers, quantize_layers
-from bitsweep.schemes import _TINY, QuantizedTensor, QuantSpec, _column, _rows, _unrows, quantize_tensor
+from bitsweep.schemes import (SMALLEST_SCALE, QuantizedTensor, QuantSpec, as_column, grouped_rows, quantize_tensor,
+                              ungrouped)
 from bitsweep.synthetic import synthetic_inputs
 
 # Clipping search: shrink factors of each row's range tried first, then a finer step around each row's best.
@@ -55,7 +56,7 @@ def clip_search(w: torch.Tensor, scheme: str, bits: int, granularity: str = "cha
     if w.numel() == 0:
         return naive
     codec = naive.codec
-    rows, pad = _rows(w.detach().to(torch.float32), granularity, group_size)
+    rows, pad = grouped_rows(w.detach().to(torch.float32), granularity, group_size)
 
     def error(scale, zero):
         decoded = codec.decode(codec.encode(rows, scale, zero, bits), scale, zero, bits)
@@ -63,9 +64,9 @@ def clip_search(w: torch.Tensor, scheme: str, bits: int, granularity: str = "cha
 
     def candidate(factor):  # factor: a number or a [rows, 1] column
         scale, zero = codec.fit(rows * factor, bits)
-        return _column(scale).clamp_min(_TINY), _column(zero)
+        return as_column(scale).clamp_min(SMALLEST_SCALE), as_column(zero)
 
-    best_scale, best_zero = _column(naive.scale), _column(naive.zero_point)
+    best_scale, best_zero = as_column(naive.scale), as_column(naive.zero_point)
     best_error = error(best_scale, best_zero)
     best_factor = torch.ones_like(best_error)
 
@@ -85,7 +86,7 @@ def clip_search(w: torch.Tensor, scheme: str, bits: int, granularity: str = "cha
     for step in _FINE:
         factors = (centre + step).clamp(0.05, 1.0)
         consider(factors[:, None], factors)
-    codes = _unrows(codec.encode(rows, best_scale, best_zero, bits), w.shape, pad).to(naive.codes.dtype)
+    codes = ungrouped(codec.encode(rows, best_scale, best_zero, bits), w.shape, pad).to(naive.codes.dtype)
     shape = naive.scale.shape
     return dataclasses.replace(naive, codes=codes, scale=best_scale.reshape(shape),
                                zero_point=best_zero.reshape(shape).to(torch.int32))

@@ -20,7 +20,7 @@ from bitsweep.errors import BitsweepError
 GRANULARITIES = ("tensor", "channel", "group")
 MIN_BITS, MAX_BITS = 2, 8
 # The smallest normal float32: scales never go below it, so 1/scale stays finite.
-_TINY = torch.finfo(torch.float32).tiny
+SMALLEST_SCALE = torch.finfo(torch.float32).tiny
 
 
 class Scheme(ABC):
@@ -111,16 +111,17 @@ class QuantizedTensor:
 
     def dequantize(self) -> torch.Tensor:
         """float weights with the original shape and dtype."""
-        rows, pad = _rows(self.codes, self.granularity, self.group_size)
-        values = self.codec.decode(rows, _column(self.scale), _column(self.zero_point), self.bits)
-        return _unrows(values, self.codes.shape, pad).to(self.dtype)
+        rows, pad = grouped_rows(self.codes, self.granularity, self.group_size)
+        values = self.codec.decode(rows, as_column(self.scale), as_column(self.zero_point), self.bits)
+        return ungrouped(values, self.codes.shape, pad).to(self.dtype)
 
 
-def _column(t: torch.Tensor) -> torch.Tensor:
+def as_column(t: torch.Tensor) -> torch.Tensor:
+    """Scales or zero points as a float32 ``[rows, 1]`` column, one per row of ``grouped_rows``."""
     return t.reshape(-1, 1).to(torch.float32)
 
 
-def _rows(w: torch.Tensor, granularity: str, group_size: int | None) -> tuple[torch.Tensor, int]:
+def grouped_rows(w: torch.Tensor, granularity: str, group_size: int | None) -> tuple[torch.Tensor, int]:
     """View ``w`` as ``[rows, n]`` for its granularity; returns the rows and the padding added."""
     if granularity == "tensor":
         return w.reshape(1, -1), 0
@@ -136,7 +137,8 @@ def _rows(w: torch.Tensor, granularity: str, group_size: int | None) -> tuple[to
     return per_channel.reshape(-1, group_size), pad
 
 
-def _unrows(rows: torch.Tensor, shape: torch.Size, pad: int) -> torch.Tensor:
+def ungrouped(rows: torch.Tensor, shape: torch.Size, pad: int) -> torch.Tensor:
+    """``grouped_rows`` undone: the padding dropped, the original shape back."""
     if pad:
         channels = shape[0] if len(shape) else 1
         rows = rows.reshape(channels, -1)[:, : rows.numel() // channels - pad]
@@ -186,12 +188,12 @@ def quantize_tensor(w: torch.Tensor, scheme: str, bits: int, granularity: str = 
         zero_point = torch.zeros(scale_shape, dtype=torch.int32)
         codes = torch.empty(w32.shape, dtype=code_dtype)
     else:
-        rows, pad = _rows(w32, granularity, group_size)
+        rows, pad = grouped_rows(w32, granularity, group_size)
         scale, zero_point = codec.fit(rows, bits)
-        scale = scale.to(torch.float32).clamp_min(_TINY)
+        scale = scale.to(torch.float32).clamp_min(SMALLEST_SCALE)
         zero_point = zero_point.to(torch.int32)
-        coded = codec.encode(rows, _column(scale), _column(zero_point), bits)
-        codes = _unrows(coded, w32.shape, pad).to(code_dtype)
+        coded = codec.encode(rows, as_column(scale), as_column(zero_point), bits)
+        codes = ungrouped(coded, w32.shape, pad).to(code_dtype)
         scale, zero_point = scale.reshape(scale_shape), zero_point.reshape(scale_shape)
     return QuantizedTensor(codes=codes, scale=scale, zero_point=zero_point, qmin=qmin, qmax=qmax,
                            bits=bits, scheme=scheme, granularity=granularity, group_size=group_size,

@@ -129,14 +129,15 @@ def test_mse_clipping_never_loses_and_keeps_the_schemes_codes(scheme, granularit
     assert qt.codes.min() >= qt.qmin and qt.codes.max() <= qt.qmax
     # The codes are the scheme's own: re-encoding the dequantized weights with the clipped scales gives them back.
     codec = bitsweep.schemes()[scheme]
-    from bitsweep.schemes import _column, _rows
+    from bitsweep.schemes import as_column, grouped_rows
 
-    rows, _ = _rows(qt.dequantize(), granularity, group_size)
-    again = codec.encode(rows, _column(qt.scale), _column(qt.zero_point), 4)
-    assert torch.equal(again.to(qt.codes.dtype).reshape(-1), _rows(qt.codes, granularity, group_size)[0].reshape(-1))
-    rows_w, _ = _rows(w, granularity, group_size)
-    err = (_rows(qt.dequantize(), granularity, group_size)[0] - rows_w).square().sum(1)
-    err_naive = (_rows(naive.dequantize(), granularity, group_size)[0] - rows_w).square().sum(1)
+    rows, _ = grouped_rows(qt.dequantize(), granularity, group_size)
+    again = codec.encode(rows, as_column(qt.scale), as_column(qt.zero_point), 4)
+    codes, _ = grouped_rows(qt.codes, granularity, group_size)
+    assert torch.equal(again.to(qt.codes.dtype).reshape(-1), codes.reshape(-1))
+    rows_w, _ = grouped_rows(w, granularity, group_size)
+    err = (grouped_rows(qt.dequantize(), granularity, group_size)[0] - rows_w).square().sum(1)
+    err_naive = (grouped_rows(naive.dequantize(), granularity, group_size)[0] - rows_w).square().sum(1)
     assert (err <= err_naive).all()
     # Uniform levels on long rows gain most; short groups less; log levels have little tail to clip.
     must_gain = 1.0 if scheme == "pow2" else 0.97 if granularity == "group" else 0.9
