@@ -83,15 +83,11 @@ def run(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from bitsweep.config import load_config
-    from bitsweep.registry import get_registry
-    from bitsweep.sweep import expand_models
+    from bitsweep.sweep import check_sweeps
 
     loaded = load_config(config)
     sweeps = loaded.sweep(sweep)  # fail on a bad file, model name, dataset or runner before Prefect starts
-    for s in sweeps:
-        expand_models(s)
-        with get_registry().blame("dataset", s.dataset.name):
-            get_registry().get("dataset", s.dataset.name).check(s.dataset.options)
+    check_sweeps(sweeps)
     _prefect_environment()
     from bitsweep.flows import runners
     from bitsweep.flows import sweep as sweep_flow_module

@@ -122,6 +122,16 @@ def expand_models(sweep: Sweep) -> list[ModelSpec]:
     return [concrete for spec in sweep.models for concrete in registry.get("model source", spec.source).expand(spec)]
 
 
+def check_sweeps(sweeps: list[Sweep]) -> None:
+    """Fail in one line on what would fail every cell -- a model name or glob that matches nothing, a
+    dataset's missing files or misspelt options -- before anything runs or is written."""
+    registry = get_registry()
+    for sweep in sweeps:
+        expand_models(sweep)
+        with registry.blame("dataset", sweep.dataset.name):
+            registry.get("dataset", sweep.dataset.name).check(sweep.dataset.options)
+
+
 def plan_cells(sweep: Sweep, model: str) -> list[Cell]:
     return [Cell(model=model, scheme=scheme, bits=bits, granularity=granularity,
                  group_size=sweep.group_size if granularity == "group" else None, policy=policy, recipe=recipe,

@@ -229,6 +229,7 @@ def sweep_flow(config_path: str = "flows.yaml", sweep_name: str | None = None, r
     ``runner``, ``address`` and ``max_workers`` override the file's ``runner:`` setting."""
     config = load_config(config_path)
     sweeps = config.sweep(sweep_name)
+    steps.check_sweeps(sweeps)  # a deployment's run fails here in one line rather than in every cell
     chosen = runners.settings(config.runner, runner, address, max_workers)
     budget = MemoryBudget(chosen.memory_gb and int(chosen.memory_gb * 1e9))
     rows = []

@@ -200,6 +200,19 @@ def test_kernel_paths_share_one_packed_file(tmp_path, monkeypatch, prefect_harne
     assert len(list((tmp_path / "run" / "packed").glob("*/model.safetensors"))) == 1
 
 
+def test_a_missing_dataset_fails_the_flow_before_any_cell(tmp_path, prefect_harness, counted_steps):
+    """A deployment's run starts in the flow, not in `bitsweep run`: it too fails in one line, writing nothing."""
+    from bitsweep import BitsweepError
+    from bitsweep.flows.sweep import sweep_flow
+
+    config = yaml.safe_load(write_config(tmp_path).read_text())
+    config["sweeps"][0]["dataset"] = {"name": "imagefolder", "path": str(tmp_path / "nope")}
+    (tmp_path / "flows.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(BitsweepError, match="path .*nope is not a directory"):
+        sweep_flow(config_path=str(tmp_path / "flows.yaml"))
+    assert not any(counted_steps.values()) and not (tmp_path / "run").exists()
+
+
 def test_plan_covers_the_grid(tmp_path):
     sweep = load_config(write_config(tmp_path, bits=(8, 6, 4))).sweeps[0]
     cells = steps.plan_cells(sweep, "m")
