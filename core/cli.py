@@ -87,12 +87,12 @@ def run(
 
     loaded = load_config(config)
     sweeps = loaded.sweep(sweep)  # fail on a bad file, model name, dataset or runner before Prefect starts
-    check_sweeps(sweeps)
     _prefect_environment()
     from bitsweep.flows import runners
     from bitsweep.flows import sweep as sweep_flow_module
 
     chosen = _runner_settings(runners, loaded.runner, runner, address, max_workers)
+    check_sweeps(sweeps, data_here=not chosen.address)
     if chosen.address:
         runners.check_scheduler(chosen.address)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -229,8 +229,8 @@ def sweep_flow(config_path: str = "flows.yaml", sweep_name: str | None = None, r
     ``runner``, ``address`` and ``max_workers`` override the file's ``runner:`` setting."""
     config = load_config(config_path)
     sweeps = config.sweep(sweep_name)
-    steps.check_sweeps(sweeps)  # a deployment's run fails here in one line rather than in every cell
     chosen = runners.settings(config.runner, runner, address, max_workers)
+    steps.check_sweeps(sweeps, data_here=not chosen.address)  # a deployment's run fails here, not in every cell
     budget = MemoryBudget(chosen.memory_gb and int(chosen.memory_gb * 1e9))
     rows = []
     with runners.running_on(runners.task_runner(chosen, max(s.evaluation.threads for s in sweeps))):

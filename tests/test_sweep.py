@@ -211,6 +211,8 @@ def test_a_missing_dataset_fails_the_flow_before_any_cell(tmp_path, prefect_harn
     with pytest.raises(BitsweepError, match="path .*nope is not a directory"):
         sweep_flow(config_path=str(tmp_path / "flows.yaml"))
     assert not any(counted_steps.values()) and not (tmp_path / "run").exists()
+    # On an existing Dask cluster the data is where its workers are: this machine's files are not checked.
+    steps.check_sweeps(load_config(tmp_path / "flows.yaml").sweeps, data_here=False)
 
 
 def test_plan_covers_the_grid(tmp_path):
