@@ -408,8 +408,14 @@ void decode_rows(const Layer& L, float* out, int64_t first, int64_t last) {
       for (int64_t b = 0; b < L.nblocks; ++b, blk += L.block_step(n)) {
         decode_block<B, KIND>(std::make_integer_sequence<int, 32>{}, blk, row + b * kBlock, L.lut, lo, hi);
       }
+      // The tail (all of a row narrower than a block: 1x1 and depthwise convolutions), eight at a time.
       const int64_t k0 = L.nblocks * kBlock;
-      for (int64_t k = 0; k < L.rest; ++k) {
+      int64_t k = 0;
+      for (; k + 8 <= L.rest; k += 8) {
+        const __m256 v = levels8<B, KIND>(codes8<B>(stream_word(L.tail, (n * L.rest + k) * B)), L.lut, lo, hi);
+        _mm256_storeu_ps(row + k0 + k, KIND == kLinear ? _mm256_add_ps(v, _mm256_set1_ps(L.lut[0])) : v);
+      }
+      for (; k < L.rest; ++k) {
         const uint32_t u = uint32_t(stream_word(L.tail, (n * L.rest + k) * B)) & ((1u << B) - 1);
         row[k0 + k] = KIND == kLinear ? float(u) + L.lut[0] : L.lut[u];
       }
