@@ -386,14 +386,44 @@ Layer make_layer(const torch::Tensor& prepared, int64_t N, int64_t K, int64_t bi
                lut.data_ptr<float>(), scale.data_ptr<float>(), zero.data_ptr<float>()};
 }
 
-template <int B, int KIND, int... I>
+// Decoded weights, exactly the schemes' arithmetic in float32: (lut[u] - zero) * scale, where a linear
+// table's lut[u] is u + lut[0]. With SCALED false only lut[u] (the caller applies its groups' scales).
+template <int B, int KIND, bool SCALED>
+INLINE __m256 weights8(__m256i u, const float* lut, __m256 lo, __m256 hi, __m256 scale, __m256 zero) {
+  __m256 v = levels8<B, KIND>(u, lut, lo, hi);
+  if constexpr (KIND == kLinear) v = _mm256_add_ps(v, _mm256_set1_ps(lut[0]));
+  if constexpr (SCALED) v = _mm256_mul_ps(_mm256_sub_ps(v, zero), scale);
+  return v;
+}
+
+template <int B, int KIND, bool SCALED, int... I>
 INLINE void decode_block(std::integer_sequence<int, I...>, const uint8_t* blk, float* dst, const float* lut,
-                         __m256 lo, __m256 hi) {
-  const __m256 offset = _mm256_set1_ps(lut[0]);
-  if constexpr (KIND == kLinear)
-    (_mm256_storeu_ps(dst + 8 * I, _mm256_add_ps(_mm256_cvtepi32_ps(code_u<B, I>(blk)), offset)), ...);
-  else
-    (_mm256_storeu_ps(dst + 8 * I, levels8<B, KIND>(code_u<B, I>(blk), lut, lo, hi)), ...);
+                         __m256 lo, __m256 hi, __m256 scale, __m256 zero) {
+  (_mm256_storeu_ps(dst + 8 * I, weights8<B, KIND, SCALED>(code_u<B, I>(blk), lut, lo, hi, scale, zero)), ...);
+}
+
+// Row n into row[0, K); SCALED when the row has one scale and zero point (no groups), which are then
+// applied as the codes are decoded rather than in a second pass.
+template <int B, int KIND, bool SCALED>
+void decode_row(const Layer& L, int64_t n, float* row, __m256 lo, __m256 hi) {
+  const float s = L.scale[n * L.G], z = L.zero[n * L.G];
+  const __m256 scale = _mm256_set1_ps(s), zero = _mm256_set1_ps(z);
+  const uint8_t* blk = L.row_blocks(n);
+  for (int64_t b = 0; b < L.nblocks; ++b, blk += L.block_step(n))
+    decode_block<B, KIND, SCALED>(std::make_integer_sequence<int, 32>{}, blk, row + b * kBlock, L.lut, lo, hi, scale,
+                                  zero);
+  // The tail (all of a row narrower than a block: 1x1 and depthwise convolutions), eight at a time.
+  const int64_t k0 = L.nblocks * kBlock;
+  int64_t k = 0;
+  for (; k + 8 <= L.rest; k += 8) {
+    const __m256i u = codes8<B>(stream_word(L.tail, (n * L.rest + k) * B));
+    _mm256_storeu_ps(row + k0 + k, weights8<B, KIND, SCALED>(u, L.lut, lo, hi, scale, zero));
+  }
+  for (; k < L.rest; ++k) {
+    const uint32_t u = uint32_t(stream_word(L.tail, (n * L.rest + k) * B)) & ((1u << B) - 1);
+    const float level = KIND == kLinear ? float(u) + L.lut[0] : L.lut[u];
+    row[k0 + k] = SCALED ? (level - z) * s : level;
+  }
 }
 
 // Rows [first, last) into out[n - first].
@@ -404,22 +434,11 @@ void decode_rows(const Layer& L, float* out, int64_t first, int64_t last) {
   at::parallel_for(first, last, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       float* row = out + (n - first) * L.K;
-      const uint8_t* blk = L.row_blocks(n);
-      for (int64_t b = 0; b < L.nblocks; ++b, blk += L.block_step(n)) {
-        decode_block<B, KIND>(std::make_integer_sequence<int, 32>{}, blk, row + b * kBlock, L.lut, lo, hi);
+      if (L.G == 1) {
+        decode_row<B, KIND, true>(L, n, row, lo, hi);
+        continue;
       }
-      // The tail (all of a row narrower than a block: 1x1 and depthwise convolutions), eight at a time.
-      const int64_t k0 = L.nblocks * kBlock;
-      int64_t k = 0;
-      for (; k + 8 <= L.rest; k += 8) {
-        const __m256 v = levels8<B, KIND>(codes8<B>(stream_word(L.tail, (n * L.rest + k) * B)), L.lut, lo, hi);
-        _mm256_storeu_ps(row + k0 + k, KIND == kLinear ? _mm256_add_ps(v, _mm256_set1_ps(L.lut[0])) : v);
-      }
-      for (; k < L.rest; ++k) {
-        const uint32_t u = uint32_t(stream_word(L.tail, (n * L.rest + k) * B)) & ((1u << B) - 1);
-        row[k0 + k] = KIND == kLinear ? float(u) + L.lut[0] : L.lut[u];
-      }
-      // Exactly the schemes' arithmetic: (level - zero) * scale, in float32.
+      decode_row<B, KIND, false>(L, n, row, lo, hi);
       for (int64_t g = 0; g < L.G; ++g) {
         const float s = L.scale[n * L.G + g], z = L.zero[n * L.G + g];
         for (int64_t k = g * L.group; k < std::min(L.K, (g + 1) * L.group); ++k) row[k] = (row[k] - z) * s;
