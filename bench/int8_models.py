@@ -43,7 +43,8 @@ def pt2e_int8(model: torch.nn.Module, x: torch.Tensor):
     import torch._inductor.config
 
     torch._inductor.config.freezing = True  # weights become constants: inductor packs them for oneDNN
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # inductor's own deprecation notices, one per layer
         quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
         prepared = prepare_pt2e(torch.export.export(model, (x,)).module(), quantizer)
         for seed in range(4):
