@@ -184,12 +184,15 @@ template <int B, int KIND>
 INLINE __m256 levels8(__m256i u, const float* lut, __m256 lo, __m256 hi) {
   if constexpr (KIND == kLinear) {
     return _mm256_cvtepi32_ps(u);
-  } else if constexpr (KIND == kPow2) {  // is_pow2's levels, built in the float's bits (no gather)
+  } else if constexpr (KIND == kPow2) {
+    // is_pow2's levels without a gather: sign(c) * 2^(|c| - 127) from the bits, as level() builds them
+    // (vpsignd makes c = 0 zero), times 2^(127 - L) -- exact, both being powers of two in normal range.
     constexpr int L = (1 << (B - 1)) - 1;
-    const __m256i c = _mm256_sub_epi32(u, _mm256_set1_epi32(L)), a = _mm256_abs_epi32(c);
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(a, _mm256_set1_epi32(127 - L)), 23);
-    const __m256i magnitude = _mm256_and_si256(e, _mm256_cmpgt_epi32(a, _mm256_setzero_si256()));
-    return _mm256_castsi256_ps(_mm256_or_si256(magnitude, _mm256_and_si256(c, _mm256_set1_epi32(INT32_MIN))));
+    const __m256i c = _mm256_sub_epi32(u, _mm256_set1_epi32(L));
+    const __m256i e = _mm256_and_si256(_mm256_slli_epi32(c, 23), _mm256_set1_epi32(0x7F800000));
+    const __m256 level = _mm256_castsi256_ps(_mm256_sign_epi32(e, c));
+    if constexpr (L == 127) return level;
+    return _mm256_mul_ps(level, _mm256_castsi256_ps(_mm256_set1_epi32((254 - L) << 23)));  // 2^(127 - L)
   } else if constexpr (B <= 3) {
     return _mm256_permutevar8x32_ps(lo, u);
   } else if constexpr (B == 4) {
