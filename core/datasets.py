@@ -40,8 +40,9 @@ class Dataset(ABC):
     def check(self, options: dict) -> None:
         """Raise ``BitsweepError`` naming the fix when ``load`` would fail for bad options or missing data.
 
-        Called for every sweep before any work starts, so a wrong path is reported in a second rather
-        than after the models are loaded; it should look at the data, not read it.
+        Called for every sweep before any work starts (unless the cells run on an existing Dask cluster,
+        whose workers hold the data), so a wrong path is reported in a second rather than after the
+        models are loaded; it should look at the data, not read it.
         """
 
 

@@ -158,7 +158,7 @@ class Synthetic(Dataset):
         _check_options(self.name, options, set(self.defaults))
 
     def load(self, split: str, options: dict, data_config: dict | None = None) -> ImageSet:
-        _check_options(self.name, options, set(self.defaults))
+        self.check(options)
         _check_split(self.name, split)
         opts = {**self.defaults, **options}
         classes, size, n, channels = (_positive_int(self.name, key, opts[key])
