@@ -4,7 +4,7 @@ A recipe gets the fp32 model and what to quantize it to and returns what ``quant
 returns: a fake-quantized copy whose ``quantized_layers`` hold the scheme's own codes and
 scales, so the packed file and the kernels work unchanged. Recipes only ever move the scales
 (clipping), the fp32 weights before rounding (folding, equalization) or the unquantized
-tensors after it (bias correction); no recipe sees a real image.
+tensors after it (bias correction, channel tuning); no recipe sees a real image.
 
 ``Pipeline`` assembles the built-in recipes from the steps here and in ``bitsweep.equalize``.
 """
@@ -25,7 +25,8 @@ from bitsweep.gptq import error_feedback, input_moments
 from bitsweep.quantize import Policy, quantizable_layers, quantize_layers
 from bitsweep.schemes import (SMALLEST_SCALE, QuantizedTensor, QuantSpec, as_column, grouped_rows, quantize_tensor,
                               ungrouped)
-from bitsweep.synthetic import synthetic_inputs
+from bitsweep.synthetic import batchnorms, synthetic_inputs
+from bitsweep.tune import tune_channels
 
 # Clipping search: shrink factors of each row's range tried first, then a finer step around each row's best.
 _COARSE = torch.linspace(1.0, 0.24, 20).tolist()
@@ -195,16 +196,19 @@ def correct_bias(reference: nn.Module, quantized: nn.Module, inputs: torch.Tenso
 class Pipeline(Recipe):
     """A recipe made of optional steps, in this order: fold BatchNorm, equalize, round (plain or with
     an Lp clipping search; then, with ``error_feedback``, GPTQ on that grid), correct biases
-    (``bias_correction``: ``"layer"`` or ``"sequential"``)."""
+    (``bias_correction``: ``"layer"`` or ``"sequential"``), tune the channel parameters (``tune``; only
+    for models with BatchNorm: without it the synthetic inputs are noise)."""
 
     def __init__(self, name: str, description: str, *, fold: bool = False, equalize: bool = False,
-                 clip_p: float | None = None, error_feedback: bool = False, bias_correction: str | None = None):
+                 clip_p: float | None = None, error_feedback: bool = False, bias_correction: str | None = None,
+                 tune: bool = False):
         if bias_correction not in (None, "layer", "sequential"):
             raise BitsweepError(f"recipe {name!r}: bias_correction {bias_correction!r} is not understood; "
                                 "use None, 'layer' or 'sequential'")
         self.name, self.description = name, description
         self.fold, self.equalize = fold or equalize, equalize
         self.clip_p, self.error_feedback, self.bias_correction = clip_p, error_feedback, bias_correction
+        self.tune = tune
 
     def rounding(self, w, scheme, bits, granularity, group_size):
         if self.clip_p is None:
@@ -224,6 +228,8 @@ class Pipeline(Recipe):
         if self.bias_correction and quantized.quantized_layers:
             # Synthesised for the input model: folding keeps the function, not the norms' statistics.
             correct_bias(work, quantized, synthetic_inputs(model), self.bias_correction == "sequential")
+        if self.tune and quantized.quantized_layers and batchnorms(model):  # else no data to tune on
+            tune_channels(model, quantized, synthetic_inputs(model))
         return quantized
 
     def _with_feedback(self, model, work, target, spec, policy):

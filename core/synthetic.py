@@ -16,7 +16,8 @@ from torch import nn
 
 from bitsweep.quantize import quantizable_layers
 
-BATCH, STEPS, LR = 8, 30, 0.2  # images made, Adam steps and learning rate
+STEPS, LR = 30, 0.2  # Adam steps and learning rate
+PIXELS, MOST = 8 * 224 * 224, 1024  # images made: as many pixels as 8 at 224 x 224, at most MOST images
 
 
 def default_input_size(model: nn.Module) -> tuple[int, ...]:
@@ -79,14 +80,25 @@ def synthetic_inputs(model: nn.Module) -> torch.Tensor:
     return _INPUTS.get(model, (size,), compute)
 
 
+def batchnorms(model: nn.Module) -> list[nn.BatchNorm2d]:
+    """The BatchNorms whose running statistics inputs can be synthesised to match."""
+    return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.running_var is not None]
+
+
+def image_count(size: tuple[int, ...]) -> int:
+    """How many inputs to synthesise: small images carry few positions each, so more of them."""
+    pixels = size[-1] * size[-2] if len(size) == 3 else 224 * 224
+    return max(PIXELS // (224 * 224), min(MOST, PIXELS // pixels))
+
+
 def synthesize(model: nn.Module, size: tuple[int, ...]) -> torch.Tensor:
     """Inputs whose per-layer batch statistics match the BatchNorm running stats (ZeroQ's distilled
     data, seeded). Falls back to standard-normal inputs when the model has no BatchNorm."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn((BATCH, *size), generator=generator)
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.running_var is not None]
-    if not norms:
-        return x
+    norms = batchnorms(model)
+    if not norms:  # noise says nothing of the data: more of it would only teach GPTQ the noise
+        return torch.randn((PIXELS // (224 * 224), *size), generator=generator)
+    x = torch.randn((image_count(size), *size), generator=generator)
     x.requires_grad_(True)
     optimizer = torch.optim.Adam([x], lr=LR)
     losses = []

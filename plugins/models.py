@@ -157,6 +157,8 @@ class Trained(ModelSource):
             model = train_classifier(spec.name, data, recipe, seed, model_kwargs)
             with atomic_path(path) as tmp:
                 save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+        # timm's config still names the architecture's own input size; synthetic inputs read this one.
+        model.pretrained_cfg = {**(model.pretrained_cfg or {}), "input_size": (in_chans, *data.images.shape[-2:])}
         return LoadedModel(model.eval(), arch=spec.name, arch_kwargs=arch_kwargs, class_names=data.class_names)
 
 

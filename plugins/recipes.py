@@ -21,6 +21,11 @@ def register_recipes():
         Pipeline("gptq", "GPTQ error-feedback rounding, the layers' input statistics from BatchNorm-matched "
                  "synthetic inputs", error_feedback=True),
         Pipeline("gptq-bias", "gptq, then bias correction", error_feedback=True, bias_correction="layer"),
+        Pipeline("gptq-bias-tune", "gptq-bias, then the biases and norm parameters trained towards the fp32 "
+                 "model's outputs on the synthetic inputs (models with BatchNorm)", error_feedback=True,
+                 bias_correction="layer", tune=True),
+        Pipeline("bias-tune", "bias, then the biases and norm parameters trained towards the fp32 model's outputs",
+                 bias_correction="layer", tune=True),
         Pipeline("mse-gptq", "mse clipping for the grid, then gptq on it", clip_p=2.0, error_feedback=True),
         Pipeline("dfq", "folding, equalization, mse clipping and bias correction", equalize=True, clip_p=2.0,
                  bias_correction="layer"),

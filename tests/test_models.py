@@ -80,5 +80,9 @@ def test_trained_models_are_cached_by_content(tmp_path):
     assert weights_hash(again.module) == weights_hash(first.module)
     assert list((tmp_path / "trained").iterdir()) == cached, "a second load trains nothing new"
     assert again.arch_kwargs == {"num_classes": 4, "in_chans": 1} and again.class_names == first.class_names
+    # Data-free steps synthesise inputs of the size it was trained on (16 x 16 here), not timm's 224.
+    from bitsweep.synthetic import input_size
+
+    assert input_size(first.module) == input_size(again.module) == (1, 16, 16)
     other = source("trained").load(ModelSpec(name="test_efficientnet", source="trained", epochs=1, batch_size=32, seed=1), context)
     assert weights_hash(other.module) != weights_hash(first.module)

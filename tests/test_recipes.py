@@ -13,6 +13,8 @@ from bitsweep import BitsweepError
 from bitsweep.equalize import equalize, fold_batchnorm
 from bitsweep.quantize import quantizable_layers
 from bitsweep.recipes import clip_search, correct_bias
+from bitsweep import tune
+from bitsweep.tune import tune_channels
 from bitsweep.registry import build_registry
 from test_plugins import make_distribution
 
@@ -290,8 +292,9 @@ def test_sequential_bias_correction_matches_every_layers_output_mean():
         assert not torch.allclose(naive, model(x).mean(0), atol=1e-3)
 
 
-@pytest.mark.parametrize("recipe", ["mse", "bias", "bias-seq", "cle", "dfq", "gptq", "gptq-bias"])
-def test_every_recipe_packs_and_runs_from_the_packed_file(resnet, recipe, tmp_path):
+@pytest.mark.parametrize("recipe", ["mse", "bias", "bias-seq", "cle", "dfq", "gptq", "gptq-bias", "gptq-bias-tune"])
+def test_every_recipe_packs_and_runs_from_the_packed_file(resnet, recipe, tmp_path, monkeypatch):
+    monkeypatch.setattr(tune, "STEPS", 3)  # what the tuned parameters are is tested above; here that they pack
     quantized = bitsweep.quantize_model(resnet, "asymmetric", 4, policy={"keep_first": 1}, recipe=recipe)
     layers = [name for name, _ in quantizable_layers(resnet)]
     assert list(quantized.quantized_layers) == layers[1:]
@@ -302,3 +305,42 @@ def test_every_recipe_packs_and_runs_from_the_packed_file(resnet, recipe, tmp_pa
         torch.testing.assert_close(bitsweep.load_packed(path)(x), quantized(x), rtol=1e-4, atol=1e-4)
     for name, qt in quantized.quantized_layers.items():
         assert torch.equal(quantized.get_submodule(name).weight, qt.dequantize())
+
+
+def _small_cnn(seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    return _randomize_norms(model, seed=seed)
+
+
+def _kl(reference, quantized, x):
+    with torch.no_grad():
+        return nn.functional.kl_div(quantized(x).log_softmax(-1), reference(x).log_softmax(-1), log_target=True,
+                                    reduction="batchmean").item()
+
+
+def test_channel_tuning_brings_the_outputs_back_and_moves_only_channel_parameters():
+    model = _small_cnn(6)
+    train, held_out = torch.randn(64, 3, 8, 8), torch.randn(64, 3, 8, 8)
+    quantized = bitsweep.quantize_model(model, "symmetric", 3)
+    tuned = copy.deepcopy(quantized)
+    tune_channels(model, tuned, train)
+    assert _kl(model, tuned, held_out) < 0.5 * _kl(model, quantized, held_out)  # inputs it never saw
+    before, after = dict(quantized.named_parameters()), dict(tuned.named_parameters())
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    assert moved == {"1.weight", "1.bias", "4.weight", "4.bias", "8.bias"}
+    for name, qt in tuned.quantized_layers.items():  # the codes and their scales are the scheme's, untouched
+        assert torch.equal(tuned.get_submodule(name).weight, qt.dequantize())
+    again = copy.deepcopy(quantized)
+    tune_channels(model, again, train)
+    assert all(torch.equal(p, q) for p, q in zip(again.parameters(), tuned.parameters()))  # seeded
+
+
+def test_tuning_recipes_leave_models_without_batchnorm_as_their_base_recipe():
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    tuned = bitsweep.quantize_model(model, "pow2", 5, recipe="bias-tune")
+    base = bitsweep.quantize_model(model, "pow2", 5, recipe="bias")
+    assert all(torch.equal(p, q) for p, q in zip(tuned.parameters(), base.parameters()))
