@@ -222,14 +222,14 @@ class Pipeline(Recipe):
             if self.equalize:
                 quantized_names = set(policy.plan([name for name, _ in quantizable_layers(work)], spec.bits))
                 equalize(work, spec.granularity, bounds, quantized_names)
-        target = copy.deepcopy(work) if self.bias_correction else work
+        target = copy.deepcopy(work) if self.bias_correction or self.tune else work  # work stays fp32
         rounding = self._with_feedback(model, work, target, spec, policy) if self.error_feedback else self.rounding
         quantized = quantize_layers(target, spec, policy, rounding)
         if self.bias_correction and quantized.quantized_layers:
             # Synthesised for the input model: folding keeps the function, not the norms' statistics.
             correct_bias(work, quantized, synthetic_inputs(model), self.bias_correction == "sequential")
         if self.tune and quantized.quantized_layers and batchnorms(model):  # else no data to tune on
-            tune_channels(model, quantized, synthetic_inputs(model))
+            tune_channels(work, quantized, synthetic_inputs(model))
         return quantized
 
     def _with_feedback(self, model, work, target, spec, policy):

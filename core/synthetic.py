@@ -17,7 +17,7 @@ from torch import nn
 from bitsweep.quantize import quantizable_layers
 
 STEPS, LR = 30, 0.2  # Adam steps and learning rate
-PIXELS, MOST = 8 * 224 * 224, 1024  # images made: as many pixels as 8 at 224 x 224, at most MOST images
+FEWEST, MOST = 8, 1024  # images made: as many pixels as FEWEST of 224 x 224 hold, at most MOST images
 
 
 def default_input_size(model: nn.Module) -> tuple[int, ...]:
@@ -88,7 +88,7 @@ def batchnorms(model: nn.Module) -> list[nn.BatchNorm2d]:
 def image_count(size: tuple[int, ...]) -> int:
     """How many inputs to synthesise: small images carry few positions each, so more of them."""
     pixels = size[-1] * size[-2] if len(size) == 3 else 224 * 224
-    return max(PIXELS // (224 * 224), min(MOST, PIXELS // pixels))
+    return max(FEWEST, min(MOST, FEWEST * 224 * 224 // pixels))
 
 
 def synthesize(model: nn.Module, size: tuple[int, ...]) -> torch.Tensor:
@@ -97,7 +97,7 @@ def synthesize(model: nn.Module, size: tuple[int, ...]) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
     norms = batchnorms(model)
     if not norms:  # noise says nothing of the data: more of it would only teach GPTQ the noise
-        return torch.randn((PIXELS // (224 * 224), *size), generator=generator)
+        return torch.randn((FEWEST, *size), generator=generator)
     x = torch.randn((image_count(size), *size), generator=generator)
     x.requires_grad_(True)
     optimizer = torch.optim.Adam([x], lr=LR)

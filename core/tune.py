@@ -24,10 +24,11 @@ def channel_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def tune_channels(reference: nn.Module, quantized: nn.Module, inputs: torch.Tensor) -> float:
-    """Train ``quantized``'s channel parameters towards ``reference``'s outputs on ``inputs``, in place;
-    returns the last step's KL divergence. Seeded: the same inputs give the same parameters."""
+    """Train ``quantized``'s channel parameters (in eval mode) towards ``reference``'s outputs on
+    ``inputs``, in place; returns the last step's KL divergence. Seeded: the same inputs give the same
+    parameters."""
     with torch.no_grad():
-        target = F.log_softmax(reference.eval()(inputs), dim=-1)
+        target = F.log_softmax(reference(inputs), dim=-1)
     chosen = channel_parameters(quantized)
     chosen_ids = {id(p) for p in chosen}
     frozen = [p for p in quantized.parameters() if id(p) not in chosen_ids and p.requires_grad]
