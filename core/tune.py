@@ -23,38 +23,25 @@ def channel_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.dim() == 1]
 
 
-def tune_channels(reference: nn.Module, quantized: nn.Module, inputs: torch.Tensor) -> float:
+def tune_channels(reference: nn.Module, quantized: nn.Module, inputs: torch.Tensor) -> None:
     """Train ``quantized``'s channel parameters (in eval mode) towards ``reference``'s outputs on
-    ``inputs``, in place; returns the last step's KL divergence. Seeded: the same inputs give the same
-    parameters."""
+    ``inputs``, in place. Seeded: the same inputs give the same parameters."""
     with torch.no_grad():
         target = F.log_softmax(reference(inputs), dim=-1)
-    chosen = channel_parameters(quantized)
-    chosen_ids = {id(p) for p in chosen}
-    frozen = [p for p in quantized.parameters() if id(p) not in chosen_ids and p.requires_grad]
-    for p in chosen:
-        p.requires_grad_(True)
+    chosen = [p.requires_grad_(True) for p in channel_parameters(quantized)]
     batch = min(BATCH, len(inputs))
     pixels = inputs[0, 0].numel() if inputs.dim() == 4 else 28 * 28  # a vector input counts as a small image
     steps = max(1, min(STEPS, PIXELS // (batch * pixels)))
     generator = torch.Generator().manual_seed(0)
     optimizer = torch.optim.Adam(chosen, lr=LR)
     quantized.eval()
-    loss = torch.zeros(())
-    try:
-        for p in frozen:
-            p.requires_grad_(False)
-        with torch.enable_grad():
-            for _ in range(steps):
-                index = torch.randperm(len(inputs), generator=generator)[:batch]
-                out = F.log_softmax(quantized(inputs[index]), dim=-1)
-                loss = F.kl_div(out, target[index], log_target=True, reduction="batchmean")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-        for p in chosen:
-            p.grad = None
-    return float(loss.detach())
+    with torch.enable_grad():
+        for _ in range(steps):
+            index = torch.randperm(len(inputs), generator=generator)[:batch]
+            out = F.log_softmax(quantized(inputs[index]), dim=-1)
+            loss = F.kl_div(out, target[index], log_target=True, reduction="batchmean")
+            for p, grad in zip(chosen, torch.autograd.grad(loss, chosen)):  # no other parameter's gradient
+                p.grad = grad
+            optimizer.step()
+    for p in chosen:
+        p.grad = None

@@ -14,7 +14,6 @@ from bitsweep.equalize import equalize, fold_batchnorm
 from bitsweep.quantize import quantizable_layers
 from bitsweep.recipes import clip_search, correct_bias
 from bitsweep import tune
-from bitsweep.tune import tune_channels
 from bitsweep.registry import build_registry
 from test_plugins import make_distribution
 
@@ -326,7 +325,7 @@ def test_channel_tuning_brings_the_outputs_back_and_moves_only_channel_parameter
     train, held_out = torch.randn(64, 3, 8, 8), torch.randn(64, 3, 8, 8)
     quantized = bitsweep.quantize_model(model, "symmetric", 3)
     tuned = copy.deepcopy(quantized)
-    tune_channels(model, tuned, train)
+    tune.tune_channels(model, tuned, train)
     assert _kl(model, tuned, held_out) < 0.5 * _kl(model, quantized, held_out)  # inputs it never saw
     before, after = dict(quantized.named_parameters()), dict(tuned.named_parameters())
     moved = {name for name in before if not torch.equal(before[name], after[name])}
@@ -334,7 +333,7 @@ def test_channel_tuning_brings_the_outputs_back_and_moves_only_channel_parameter
     for name, qt in tuned.quantized_layers.items():  # the codes and their scales are the scheme's, untouched
         assert torch.equal(tuned.get_submodule(name).weight, qt.dequantize())
     again = copy.deepcopy(quantized)
-    tune_channels(model, again, train)
+    tune.tune_channels(model, again, train)
     assert all(torch.equal(p, q) for p, q in zip(again.parameters(), tuned.parameters()))  # seeded
 
 
