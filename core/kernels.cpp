@@ -32,16 +32,16 @@
 namespace {
 
 constexpr int64_t kBlock = 256;  // codes per block: 8 lanes x 32 slots
-// Rows of a run are short streams; prefetching this far ahead in the run's one stream measured ~25 %
-// faster than the hardware prefetcher alone on cold 4-bit weights.
+// Rows of a run are short streams; prefetching this far ahead in the run's one stream helps the
+// hardware prefetcher on cold weights (bench/kernels.py measures it).
 constexpr int64_t kPrefetch = 4096;
 // Large batches decode this many bytes of fp32 weight at a time: the slice stays in L3 while the BLAS
-// reads it, and is tall enough that the BLAS packing x again for every slice costs little (256 KB
-// slices of a 3072-wide layer are 20 rows: 0.66x fp32 at batch 64; 2 MB: 0.93x).
+// reads it, and is tall enough that the BLAS packing x again for every slice costs little (a 256 KB
+// slice of a 3072-wide layer is only 20 rows).
 constexpr int64_t kChunkBytes = 2048 * 1024;
 
-// How levels are made from codes: u itself, read as a subnormal float (lut[0] added per group via
-// the sums of x); a table lookup; or, for the pow2 scheme's table at >= 4 bits, sign and exponent
+// How levels are made from codes: u itself, converted from its bits in place (lut[0] added per group
+// via the sums of x); a table lookup; or, for the pow2 scheme's table at >= 4 bits, sign and exponent
 // written straight into the float's bits.
 enum Kind { kLinear = 0, kTable = 1, kPow2 = 2 };
 
@@ -85,13 +85,13 @@ INLINE __m256i code_u(const uint8_t* blk) {
   return v;
 }
 
-// Where slot I's code sits in the word a linear level is read from: its bits there, as a float, are
-// the subnormal u * 2^(o - 149), so linear levels need no conversion (x carries 2^(E - o)). Codes
-// within bits 0..22 are masked in place; higher ones after one shared shift by 12; the top code and
-// codes straddling two words are shifted down to bit 0.
+// Where slot I's code sits in the 32-bit lane a linear level is converted from: in place at bit o when
+// u << o is a positive int32 (one AND), else (the top code, and codes straddling two words) shifted
+// down to bit 0. vcvtdq2ps turns u << p into the float u * 2^p exactly (at most 8 significant bits), a
+// normal float for every u > 0, so x carries 2^(S - p); no subnormal is ever read or made.
 constexpr int low_bit(int B, int i) {
   const int o = B * i % 32;
-  return o + B >= 32 ? 0 : o + B <= 23 ? o : o - 12;
+  return o + B >= 32 ? 0 : o;
 }
 
 template <int B, int I>
@@ -99,10 +99,8 @@ INLINE __m256i linear_bits(const uint8_t* blk) {
   using S = Slot<B, I>;
   if constexpr (S::straddle || S::top)
     return code_u<B, I>(blk);
-  else if constexpr (S::o + B <= 23)
-    return _mm256_and_si256(word(blk, S::d), _mm256_set1_epi32(S::mask << S::o));
   else
-    return _mm256_and_si256(_mm256_srli_epi32(word(blk, S::d), 12), _mm256_set1_epi32(S::mask << (S::o - 12)));
+    return _mm256_and_si256(word(blk, S::d), _mm256_set1_epi32(S::mask << S::o));
 }
 
 template <int B, int I>
@@ -113,7 +111,7 @@ template <int B, int KIND, int I>
 INLINE __m256 level(const uint8_t* blk, const float* lut, __m256 lo, __m256 hi) {
   using S = Slot<B, I>;
   if constexpr (KIND == kLinear) {
-    return _mm256_castsi256_ps(linear_bits<B, I>(blk));
+    return _mm256_cvtepi32_ps(linear_bits<B, I>(blk));
   } else if constexpr (KIND == kPow2) {
     // c = u - L, kept at bit o where that saves the shift. The low 8 bits of c become the exponent
     // field: 2^(c - 127) for c > 0; for c < 0 the field holds 256 + c and vpsignd's integer negation
@@ -145,7 +143,7 @@ INLINE __m256 level(const uint8_t* blk, const float* lut, __m256 lo, __m256 hi) 
 }
 
 // What slot i's x is multiplied by, so that level * x' == lut-level * x / post: linear levels are
-// u * 2^(o - 149) and take 2^(E - o); pow2 levels are 2^(|c| - 127) and take 2^(127 - L - a).
+// u * 2^p and take 2^(S - p); pow2 levels are 2^(|c| - 127) and take 2^(127 - L - a).
 double slot_factor(int kind, int B, int i, int shift) {
   if (kind == kTable) return 1.0;
   return std::ldexp(1.0, kind == kPow2 ? shift : shift - low_bit(B, i));
@@ -323,9 +321,6 @@ void tile(const Layer& L, const Call& c, int64_t n0, int64_t m0) {
 template <int B, int KIND, bool GROUPED>
 void linear_rows(const Layer& L, const Call& c, int64_t M) {
   at::parallel_for(0, (L.N + 3) / 4, 8, [&](int64_t t0, int64_t t1) {
-    // Subnormal levels must not read as zero: clear denormals-are-zero (per thread) while working.
-    const unsigned csr = _mm_getcsr();
-    _mm_setcsr(csr & ~0x40u);
     for (int64_t t = t0; t < t1; ++t) {
       int64_t m = 0;
       for (; m + 4 <= M; m += 4) {
@@ -334,7 +329,6 @@ void linear_rows(const Layer& L, const Call& c, int64_t M) {
       }
       for (; m < M; ++m) tile<B, KIND, 4, 1, GROUPED>(L, c, 4 * t, m);
     }
-    _mm_setcsr(csr);
   });
 }
 
@@ -500,9 +494,10 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor prepared, int64_t N, int64_t
   auto y = torch::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   const int kind = linear_lut ? kLinear : bits >= 4 && is_pow2(L.lut, bits) ? kPow2 : kTable;
-  // Scale x so that x' and the products of the kernels' levels with it are normal floats: linear
-  // levels are subnormal (x takes 2^(E - o), the sums 2^(149 - E)); pow2 levels are 2^(|c| - 127)
-  // (x takes 2^(127 - L - a), the sums 2^a). |x| < 2^e.
+  // Scale x so that x', the levels and every product and sum stay normal floats whatever the CPU's
+  // denormal modes (|x| < 2^e): linear levels u * 2^p take x * 2^(S - p) with S = 32 - e (products
+  // x * u * 2^S); pow2 levels 2^(|c| - 127) take x * 2^(127 - L - a), products x * 2^(|c| - L - a),
+  // with a as small as keeps x' below 2^128 and the sums of the largest products below 2^127.
   float top = 0.0f;
   for (int64_t i = 0; i < M * K; ++i) top = std::max(top, std::fabs(xp[i]));
   int e = 0;
@@ -510,10 +505,10 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor prepared, int64_t N, int64_t
   int shift = 0;
   double post = 1.0;
   if (kind == kLinear) {
-    shift = std::min(127, 120 - e);
-    post = std::ldexp(1.0, 149 - shift);
+    shift = 32 - e;
+    post = std::ldexp(1.0, -shift);
   } else if (kind == kPow2) {
-    const int levels = (1 << (bits - 1)) - 1, a = std::max(0, e + 1 - levels);
+    const int levels = (1 << (bits - 1)) - 1, a = e - std::min(levels, 100);
     shift = 127 - levels - a;
     post = std::ldexp(1.0, a);
   }
@@ -521,7 +516,7 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor prepared, int64_t N, int64_t
   auto xs = torch::empty({M, K}, x.options());
   float* sp = xsum.data_ptr<float>();
   float* xsp = xs.data_ptr<float>();
-  // In double: a factor itself may be subnormal in float, and denormals-are-zero may be on here.
+  // In double: a factor alone may lie outside float's range; x times it does not.
   double factor[32];
   for (int i = 0; i < 32; ++i) factor[i] = slot_factor(kind, bits, i, shift);
   const double tail_factor = 1.0 / post;

@@ -26,9 +26,8 @@ from bitsweep.errors import first_line
 SOURCE = Path(__file__).with_name("kernels.cpp")
 
 
-# Up to this many rows of x the fused kernel wins (measured side by side: 1.05-1.3x fp32 at 32 rows,
-# decoded slices 0.9-1.1x); beyond it, slices are decoded for the BLAS (at 64 rows 0.93-1.06x, fused
-# 0.75-0.97x: the fused kernel reads x once per four weight rows, and 64 rows of x outgrow the L2).
+# Up to this many rows of x the fused kernel wins; beyond it, slices are decoded for the BLAS: the fused
+# kernel reads x once per four weight rows, and many rows of x outgrow the L2 (bench/kernels.py, batch 64).
 FUSED_MAX_BATCH = 32
 
 
