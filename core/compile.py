@@ -6,9 +6,9 @@ Two kernel paths:
   straight from the codes (``bitsweep.kernels``); convolutions decode their weight for the
   call and run PyTorch's convolution. Activations stay float32, so outputs equal the
   fake-quantized model's to float32 rounding.
-- ``int8`` expands the codes once to int8 weights with per-channel scales and runs PyTorch's
-  x86 int8 kernels with int8 activations (``bitsweep.int8``): faster convolutions, at the
-  cost of activation rounding.
+- ``int8`` expands the codes once to int8 weights with per-channel scales and runs oneDNN's
+  int8 kernels with int8 activations, through torchao's pt2e and inductor (``bitsweep.int8``):
+  faster convolutions, at the cost of activation rounding and a compilation.
 """
 
 from __future__ import annotations
@@ -72,6 +72,12 @@ class _PackedLayer(nn.Module):
         """The weight as the packed file stores it, codes rebuilt from the kernels' layout."""
         return dataclasses.replace(self.meta, data=pack_bits(self.kernel.stored_codes(), self.meta.bits))
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weight, decoded anew on each read: for models whose own forward reads a layer's
+        ``.weight`` (its device or dtype, or its values); the codes stay the only copy held."""
+        return self.kernel.decode().reshape(self.meta.shape)
+
     def extra_repr(self) -> str:
         return f"shape={tuple(self.meta.shape)}, scheme={self.meta.scheme}, bits={self.meta.bits}"
 
@@ -112,8 +118,10 @@ class PackedLinear(_PackedLayer):
 class PackedConv(_PackedLayer):
     """A convolution whose weight stays n-bit in memory and is decoded for each call.
 
-    It runs the original module's own forward (so timm's padding variants keep working)
-    with the decoded weight; only the bias stays a parameter.
+    A plain ``nn.Conv1d/2d/3d`` with zero padding calls the functional convolution with the
+    decoded weight; any other convolution (timm's padding variants, weight standardisation)
+    runs its own forward on a private copy holding the decoded weight. Only the bias stays a
+    parameter.
     """
 
     def __init__(self, packed: PackedTensor, conv: nn.Module):
@@ -122,11 +130,21 @@ class PackedConv(_PackedLayer):
         conv._parameters = {k: v for k, v in conv._parameters.items() if k != "weight"}
         object.__setattr__(self, "conv", conv)  # not a submodule: the state dict keeps the layer's own keys
         self.bias = conv.bias
+        plain = type(conv) in _FUNCTIONAL and conv.padding_mode == "zeros"
+        self.functional = _FUNCTIONAL[type(conv)] if plain else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if self.functional is not None:
+            conv = self.conv
+            return self.functional(x, weight, self.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         conv = copy.copy(self.conv)  # a private view per call, so concurrent calls do not share the weight slot
-        conv.weight = self.kernel.decode().reshape(self.meta.shape)
+        conv.weight = weight
         return conv(x)
+
+
+_FUNCTIONAL = {nn.Conv1d: torch.nn.functional.conv1d, nn.Conv2d: torch.nn.functional.conv2d,
+               nn.Conv3d: torch.nn.functional.conv3d}
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:

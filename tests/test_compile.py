@@ -45,6 +45,31 @@ class Layers(nn.Module):
         return self.fc(self.depthwise(self.grouped(self.conv(x))).flatten(1))
 
 
+class ReadsWeights(nn.Module):
+    """Reads its layers' ``.weight`` in forward, as timm's EdgeNeXt reads a conv's device, and uses its values."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(4, 8, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.proj(x.to(self.proj.weight.device)).mean((2, 3))
+        return self.fc(x) + self.fc.weight.sum(1)
+
+
+def test_models_that_read_a_layers_weight_still_run(kernel_build):
+    torch.manual_seed(0)
+    quantized = bitsweep.quantize_model(ReadsWeights().eval(), "asymmetric", 4)
+    packed = compile_packed(quantized)
+    assert isinstance(packed.proj, PackedConv) and isinstance(packed.fc, PackedLinear)
+    assert torch.equal(packed.fc.weight, quantized.fc.weight.detach())
+    assert "proj.weight" not in packed.state_dict() and not any(p.numel() == 32 for p in packed.parameters())
+    x = torch.randn(3, 4, 6, 6)
+    with torch.no_grad():
+        assert relative_error(packed(x), quantized(x)) < 1e-5
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_packed_layers_match_fake_quant_at_every_width(scheme, kernel_build):
     torch.manual_seed(0)
