@@ -1,53 +1,59 @@
-"""The int8-compute path: run a fake-quantized model on PyTorch's int8 CPU kernels.
+"""The int8-compute path: run a fake-quantized model on oneDNN's int8 CPU kernels, through torchao's pt2e.
 
-Weight-only packing cannot speed up convolutions (they are compute-bound); integer
-arithmetic can. ``to_int8`` hands the n-bit codes to fbgemm (PyTorch's ``x86``
-quantized engine) as int8 weights with per-channel scales, so every weight the
-codes describe is kept exactly. Two routes:
+Weight-only packing cannot speed up convolutions (they are compute-bound); integer arithmetic
+can. ``to_int8`` exports the model (``torch.export``), lets torchao's ``X86InductorQuantizer``
+place the quantize/dequantize pairs (BatchNorm folded into the conv, conv + activation fused,
+activations uint8 per tensor with ranges observed on calibration batches, or data-free on inputs
+synthesised to match the model's BatchNorm statistics), converts, puts bitsweep's own codes in
+place of the observer's int8 weights, and compiles with inductor, which packs the frozen weights
+for oneDNN. ViTs take the same static path: the quantizer's dynamic config (per-call activation
+ranges, as ``quantize_dynamic`` had) ran slower than static on ViT-tiny, slower even than fp32 (README).
 
-* **static** (CNNs): an FX graph with BatchNorm folded into the per-channel weight
-  scale, conv+ReLU fused, and activations quantized to uint8 with ranges observed
-  on calibration batches, or data-free on inputs synthesised to match the
-  model's BatchNorm running statistics (ZeroQ-style: no real image is used).
-* **dynamic** (models without BatchNorm whose weights sit mostly in Linear
-  layers, e.g. ViTs): ``quantized.dynamic.Linear``; activation ranges are taken
-  per call, so no calibration is needed and ``calibration`` is ignored.
-
-This machine's CPU (Zen 3) has AVX2 but no VNNI, so ``x86`` dispatches to fbgemm, which
-accepts per-channel weight zero points; the ``onednn`` engine measured slower. Here an
-int8 GEMM peaks at only ~1.9x fp32 (80 vs 41 GMAC/s at 1024^3), which bounds the gain
-on compute-bound layers; the rest comes from folding BatchNorm and fusing activations.
-Activations get 7 bits (fbgemm's int16 pair sums) unless every consuming layer's codes
-are within ±64, which holds for the narrow widths this project sweeps.
+oneDNN takes symmetric per-channel int8 weights (zero point 0). Without VNNI its AVX2 kernels add
+uint8 x int8 products pairwise in int16, which saturates unless ``2 * a * |w|`` fits: activations
+get 8 bits (a <= 255) where a layer's codes are within +-64 (see ``weight_limit``), and 7 bits
+(a <= 127) in front of layers with wider codes (8-bit, some 7-bit asymmetric), which then stay exact.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import math
+import operator
 import threading
+import time
 import warnings
+from typing import NamedTuple
 
 import torch
-import torch.ao.nn.quantized as nnq
-import torch.ao.nn.quantized.dynamic as nnqd
-from torch import fx, nn
+from torch import nn
 
-from bitsweep.errors import BitsweepError
+from bitsweep.errors import BitsweepError, first_line
 from bitsweep.quantize import QUANTIZABLE, quantizable_layers
 from bitsweep.schemes import AffineScheme, QuantizedTensor
-from bitsweep.synthetic import default_input_size, synthesize
+from bitsweep.synthetic import input_size as model_input_size, synthesize
 
-ENGINE = "x86"
-_QUANTIZED = (nnq.Conv1d, nnq.Conv2d, nnq.Conv3d, nnq.Linear, nnqd.Linear)
-_DROPPABLE = (nn.Identity, nn.Dropout)
-_FULL_RANGE_WEIGHT = 64  # the largest |int8 weight| fbgemm takes with 8-bit activations (see _widen_activations)
+_WEIGHT_OPS = ("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.linear.default")
+_NORM_OPS = ("aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default")
+_FIX = "use the weight-only path instead"
 
 
-def int8_weight(qt: QuantizedTensor) -> torch.Tensor | None:
-    """``qt`` as a per-channel qint8 tensor whose ``dequantize()`` equals ``qt.dequantize()``
-    bit for bit, or ``None`` when no such tensor exists (group scales, wide pow2, unknown schemes)."""
+class Int8Weight(NamedTuple):
+    """Per-channel int8 codes with float32 scales and int32 zero points: ``(codes - zero) * scale``."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        column = (-1,) + (1,) * (self.codes.dim() - 1)
+        return (self.codes.to(torch.float32) - self.zero_point.reshape(column)) * self.scale.reshape(column)
+
+
+def int8_weight(qt: QuantizedTensor) -> Int8Weight | None:
+    """``qt`` as per-channel int8 codes whose dequantization equals ``qt.dequantize()`` bit for bit,
+    or ``None`` when none exists (group scales, wide pow2, unknown schemes, 8-bit affine codes whose
+    zero point is outside them)."""
     if qt.granularity == "group" or qt.codes.dim() == 0 or qt.codes.numel() == 0:
         return None
     channels = qt.codes.shape[0]
@@ -57,7 +63,7 @@ def int8_weight(qt: QuantizedTensor) -> torch.Tensor | None:
     if isinstance(qt.codec, AffineScheme):  # w = (c - z) * s: shift codes and zero point alike
         centred = codes - zero[:, None]
         if centred.min() >= -128 and centred.max() <= 127:
-            q, zero = centred, torch.zeros_like(zero)  # symmetric int8: no zero-point work in the kernel
+            q, zero = centred, torch.zeros_like(zero)  # symmetric int8: what oneDNN takes
         elif qt.qmax - qt.qmin <= 255:
             shift = qt.qmin + 128
             q, zero = codes - shift, zero - shift
@@ -71,65 +77,33 @@ def int8_weight(qt: QuantizedTensor) -> torch.Tensor | None:
         return None
     if q.min() < -128 or q.max() > 127 or zero.min() < -128 or zero.max() > 127:
         return None
-    packed = _per_channel(q.reshape(qt.codes.shape), scale, zero)
-    exact = packed.dequantize().view(torch.int32)
-    return packed if torch.equal(exact, qt.dequantize().to(torch.float32).view(torch.int32)) else None
+    weight = Int8Weight(q.reshape(qt.codes.shape).to(torch.int8), scale.contiguous(), zero.contiguous())
+    exact = torch.equal(weight.dequantize().view(torch.int32), qt.dequantize().to(torch.float32).view(torch.int32))
+    return weight if exact else None
 
 
-@contextlib.contextmanager
-def _quiet():
-    """Silence torch's notice that quantized tensors are deprecated: they are what fbgemm takes."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*deprecated.*")
-        yield
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((set(line.split(":", 1)[1].split()) for line in info if line.startswith("flags")), set())
+    except OSError:
+        return set()
 
 
-def _per_channel(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    with _quiet():
-        return torch._make_per_channel_quantized_tensor(q.to(torch.int8), scale.double(), zero.long(), 0)
-
-
-def _rescaled(weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """The same int8 codes with each channel's scale multiplied by a folded BatchNorm factor.
-
-    fbgemm needs positive scales, so a negative factor negates the channel's codes instead:
-    ``q -> -q`` when that fits in int8, else ``(q, z) -> (~q, ~z)`` (as ``~q - ~z == z - q``).
-    """
-    q, zero = weight.int_repr().to(torch.int32), weight.q_per_channel_zero_points().to(torch.int32)
-    scale = weight.q_per_channel_scales().to(torch.float32) * factor
-    rows = q.reshape(q.shape[0], -1)
-    negate = (scale < 0) & (zero == 0) & (rows.min(dim=1).values > -128)
-    invert = (scale < 0) & ~negate
-    column = (-1,) + (1,) * (q.dim() - 1)
-    q = torch.where(negate.reshape(column), -q, torch.where(invert.reshape(column), ~q, q))
-    return _per_channel(q, scale.abs(), torch.where(invert, ~zero, zero))
-
-
-def _fit_bias(weight: torch.Tensor, bias: torch.Tensor | None, input_scale: float) -> tuple[torch.Tensor, int]:
-    """fbgemm adds the bias as int32 in units of ``input_scale * weight_scale``; a channel whose scale is
-    too small for that (a dead channel, BatchNorm gamma ~ 0) gets zero codes and a scale its bias fits
-    under. Its weights then contribute < 2^-14 of its bias. Returns the weight and the channels changed."""
-    if bias is None:
-        return weight, 0
-    scale = weight.q_per_channel_scales().to(torch.float32)
-    floor = (bias.abs() / (input_scale * 2.0**30)).clamp_min(torch.finfo(torch.float32).tiny)
-    dead = scale < floor
-    if not dead.any():
-        return weight, 0
-    column = (-1,) + (1,) * (weight.dim() - 1)
-    q = torch.where(dead.reshape(column), 0, weight.int_repr().to(torch.int32))
-    zero = torch.where(dead, 0, weight.q_per_channel_zero_points())
-    return _per_channel(q, torch.where(dead, floor, scale), zero), int(dead.sum())
+def weight_limit() -> int:
+    """The largest |int8 weight| oneDNN multiplies exactly with 8-bit activations on this CPU: 127 with
+    VNNI (int32 accumulation), else 64 (u8 x s8 pairs summed in int16: 2 * 255 * 64 fits, 65 may not)."""
+    return 127 if _cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"} else 64
 
 
 class SharedLock:
     """Many holders of ``shared()`` at once, or one of ``exclusive()``.
 
-    FX tracing patches ``nn.Module.__call__`` for the whole process while it runs, so a
-    model built or run in another thread would be traced into the graph (or fail).
-    ``to_int8`` holds ``TRACING.exclusive()``; threads that build or run models while it
-    may run (the sweep's steps) hold ``TRACING.shared()``. A waiting ``exclusive()`` goes
-    first, and the thread holding it may take either again.
+    ``torch.export`` and inductor's compilation trace with ``torch.fx``, which patches
+    ``nn.Module.__call__`` for the whole process while it runs, so a model built or run in another
+    thread would be traced into the graph (or fail). ``to_int8`` holds ``TRACING.exclusive()``;
+    threads that build or run models while it may run (the sweep's steps) hold ``TRACING.shared()``.
+    A waiting ``exclusive()`` goes first, and the thread holding it may take either again.
     """
 
     def __init__(self):
@@ -176,309 +150,297 @@ class SharedLock:
 
 TRACING = SharedLock()
 
+_FREEZING_LOCK = threading.Lock()
+_freezing_users = 0
+_freezing_saved = False
+
+
+@contextlib.contextmanager
+def _freezing():
+    """Inductor's ``freezing`` on while any int8 module runs: dynamo reads it (a global, not a
+    ``torch.compile`` option) whenever it compiles for a new input shape; frozen weights are what lets
+    inductor prepack them for oneDNN. Counted, so concurrent calls do not switch it off under each other."""
+    global _freezing_users, _freezing_saved
+    import torch._inductor.config as inductor
+
+    with _FREEZING_LOCK:
+        if not _freezing_users:
+            _freezing_saved, inductor.freezing = inductor.freezing, True
+        _freezing_users += 1
+    try:
+        yield
+    finally:
+        with _FREEZING_LOCK:
+            _freezing_users -= 1
+            if not _freezing_users:
+                inductor.freezing = _freezing_saved
+
+
+class Int8Module(nn.Module):
+    """The converted pt2e graph (``graph``: int8 weight constants, float math) run compiled by inductor.
+
+    Inference only: weights are frozen into the compiled code, and every call runs in inference mode
+    (dynamo guards on it: a call under plain ``no_grad`` would compile again). Inductor compiles on the
+    first call at each new input shape: ``to_int8`` compiles batch 1 (``compile_seconds``); other
+    batch sizes compile when first seen (after 8 shapes dynamo runs the graph uncompiled: correct, slow).
+    Compiling traces with torch.fx like export does, so a program running models in other threads makes
+    that first call under ``TRACING.exclusive()``.
+    """
+
+    def __init__(self, graph: torch.fx.GraphModule):
+        super().__init__()
+        self.graph = graph
+        # Static shapes: with a symbolic batch size, inductor's layout of a quantized conv's output can
+        # disagree with what oneDNN returns (a stride assertion at run time, seen at batch 256).
+        compiled = torch.compile(graph, dynamic=False)
+        object.__setattr__(self, "_compiled", compiled)  # not a submodule: graph's state once
+        self.compile_seconds = 0.0
+
+    def train(self, mode: bool = True) -> Int8Module:
+        """Only the flag: an exported graph refuses ``train()``/``eval()``, and this one only infers."""
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            with torch.inference_mode(), _freezing():
+                return self._compiled(x)
+        except Exception as exc:
+            if type(exc).__name__ not in ("InductorError", "BackendCompilerFailed", "InvalidCxxCompiler"):
+                raise
+            raise BitsweepError(f"inductor cannot compile the int8 model ({type(exc).__name__}: "
+                                f"{first_line(exc)[:200]}); install a C++ compiler (apt-get install g++) "
+                                f"or {_FIX}") from None
+
+
+def _pt2e():
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+    except ImportError as exc:
+        raise BitsweepError(f"the int8-compute path needs torchao ({exc}); pip install torchao==0.18.0, "
+                            f"or {_FIX}") from None
+    return prepare_pt2e, convert_pt2e, x86
+
 
 def to_int8(model: nn.Module, layers: dict[str, QuantizedTensor],
             calibration: list[torch.Tensor] | None = None, *,
-            input_size: tuple[int, ...] | None = None) -> nn.Module:
-    """An int8-kernel version of the fake-quantized ``model`` (left untouched).
+            input_size: tuple[int, ...] | None = None) -> Int8Module:
+    """``convert_int8``'s graph compiled by inductor for batch 1, with the same record attributes plus
+    ``compile_seconds``."""
+    if input_size is None:
+        input_size = tuple(calibration[0].shape[1:]) if calibration else model_input_size(model)
+    graph = convert_int8(model, layers, calibration, input_size=input_size)
+    result = Int8Module(graph)
+    result.int8_exact, result.bn_folds, result.fp32_layers = graph.int8_exact, graph.bn_folds, graph.fp32_layers
+    with TRACING.exclusive(), warnings.catch_warnings():  # compiling traces too (AOTAutograd uses torch.fx)
+        warnings.simplefilter("ignore")  # inductor's notices, one per quantized layer
+        start = time.perf_counter()
+        result(torch.zeros((1, *input_size)))
+        result.compile_seconds = time.perf_counter() - start
+    return result
 
-    ``calibration`` batches set the activation ranges; without them ranges come
-    from synthetic inputs of ``input_size`` (C, H, W; default: the first
-    calibration batch, else the timm config with the stem's channel count).
-    The result carries ``int8_exact`` (quantized layer -> its codes are on int8
-    kernels unchanged; False means requantized per channel to int8, lossy) and
-    ``fp32_layers`` (Conv/Linear layers still computed in float, e.g. the ones a
-    policy kept out of quantization). ``dead_channels`` counts, per layer, channels
-    whose codes had to be zeroed (see ``_fit_bias``). ``bn_folds`` maps each layer whose
-    BatchNorm was folded to the factor ``gamma / sqrt(var + eps)``: its int8 codes
-    are unchanged and its scale is ``s * factor``; the other exact layers'
-    dequantized weights equal ``qt.dequantize()`` bit for bit.
+
+def convert_int8(model: nn.Module, layers: dict[str, QuantizedTensor],
+                 calibration: list[torch.Tensor] | None = None, *,
+                 input_size: tuple[int, ...] | None = None) -> torch.fx.GraphModule:
+    """The fake-quantized ``model`` (left untouched) as a converted pt2e graph holding our int8 codes.
+
+    Run as is, the graph computes the int8 model in float (dequantize, then float conv): the reference
+    of what the int8 kernels compute, and what inductor compiles. ``calibration`` batches set the
+    activation ranges; without them ranges come from synthetic inputs of ``input_size`` (C, H, W;
+    default: the first calibration batch, else the model's own: see ``bitsweep.synthetic.input_size``).
+    The graph carries ``int8_exact`` (quantized layer -> its codes are on int8 kernels unchanged; False
+    means requantized per channel, lossy), ``fp32_layers`` (Conv/Linear layers computed in float: those
+    not in ``layers``, and any the quantizer has no pattern for) and ``bn_folds`` (layer -> the folded BatchNorm's factor
+    ``gamma / sqrt(var + eps)``: its int8 codes are ours, negated where the factor is negative, with
+    scale ``|s * factor|``).
     """
-    torch.backends.quantized.engine = ENGINE
+    prepare_pt2e, convert_pt2e, x86 = _pt2e()
     source = copy.deepcopy(model).eval()
     for parameter in source.parameters():
         parameter.requires_grad_(False)
-    _plain_linears(source)
     if input_size is None:
-        input_size = tuple(calibration[0].shape[1:]) if calibration else default_input_size(source)
-    with _quiet(), TRACING.exclusive():
-        if _is_linear_model(source, layers):
-            converted, folds, input_scales = _dynamic(source, layers), {}, {}
-        else:
-            converted, folds, input_scales = _static(source, layers, calibration, input_size)
-        converted.int8_exact, converted.dead_channels = _install_weights(converted, layers, folds, input_scales)
-        converted.bn_folds = folds
-    modules = dict(converted.named_modules())
-    converted.fp32_layers = tuple(name for name, _ in quantizable_layers(model)
-                                  if not isinstance(modules.get(name), _QUANTIZED))
+        input_size = tuple(calibration[0].shape[1:]) if calibration else model_input_size(source)
+    example = torch.zeros((2, *input_size))  # batch 2: export keeps the batch size dynamic (1 is specialised)
+    keep = {name for name, _ in quantizable_layers(source) if name not in layers}
+    with TRACING.exclusive(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # export's and torchao's notices, one per op or layer
+        graph = _export(source, example)
+        _plain_sources(graph, source)
+        folds = _batchnorm_factors(graph, layers)
+        quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+        _keep_in_float(quantizer, keep, x86)
+        try:  # torchao reports graphs its patterns cannot take with several exception types
+            prepared = prepare_pt2e(graph, quantizer)
+            limits = _narrow_activations(prepared, _wide_layers(layers, weight_limit()))
+            with torch.no_grad():
+                for batch in calibration or [synthesize(source, input_size)]:
+                    prepared(batch)
+            converted = convert_pt2e(prepared)
+        except (ValueError, AssertionError, RuntimeError, TypeError, KeyError) as exc:
+            raise BitsweepError(f"torchao's int8 quantizer cannot take {type(model).__name__} "
+                                f"({type(exc).__name__}: {' '.join(first_line(exc).split())[:200] or 'no message'}); "
+                                f"{_FIX}") from None
+        converted.int8_exact = _install_weights(converted, layers, folds, limits)
+    converted.bn_folds = {name: factor for name, factor in folds.items() if name in converted.int8_exact}
+    converted.fp32_layers = tuple(name for name, _ in quantizable_layers(model) if name not in converted.int8_exact)
     return converted
 
 
-def _plain_linears(model: nn.Module) -> None:
-    """Swap subclasses of nn.Linear (timm's calls F.linear itself) for nn.Linear: PyTorch's
-    quantization matches exact module types and would leave them in float."""
-    for parent in list(model.modules()):
-        for name, child in parent.named_children():
-            if isinstance(child, nn.Linear) and type(child) is not nn.Linear:
-                plain = nn.Linear(child.in_features, child.out_features, child.bias is not None)
-                plain.load_state_dict(child.state_dict())
-                setattr(parent, name, plain)
+def _export(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
+    """``model`` exported with a dynamic batch size; a failure names the innermost module it happened in."""
+    inside, hooks = [], []
 
+    def leave(module, args, output):
+        inside.pop()
 
-def _is_linear_model(model: nn.Module, layers: dict[str, QuantizedTensor]) -> bool:
-    """No BatchNorm and most quantized weights in Linear layers: the transformer shape, where
-    dynamic int8 Linear is both faster (no requantize between ops) and needs no calibration."""
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        return False
-    modules = dict(model.named_modules())
-    linear = sum(qt.codes.numel() for name, qt in layers.items() if isinstance(modules.get(name), nn.Linear))
-    return linear * 2 > sum(qt.codes.numel() for qt in layers.values())
-
-
-def _dynamic(model: nn.Module, layers: dict[str, QuantizedTensor]) -> nn.Module:
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    names = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name in layers}
-    return quantize_dynamic(model, {name: per_channel_dynamic_qconfig for name in names}, dtype=torch.qint8)
-
-
-def _install_weights(model: nn.Module, layers: dict[str, QuantizedTensor], folds: dict[str, torch.Tensor],
-                     input_scales: dict[str, float]) -> tuple[dict[str, bool], dict[str, int]]:
-    """Replace the observer-derived int8 weights by the exact codes wherever they exist.
-    Returns layer -> exact, and layer -> channels zeroed by ``_fit_bias``."""
-    exact, dead = {}, {}
-    modules = dict(model.named_modules())
-    for name, qt in layers.items():
-        module = modules.get(name)
-        if not isinstance(module, _QUANTIZED):
-            continue  # left in float (reported in fp32_layers)
-        weight = int8_weight(qt)
-        exact[name] = weight is not None
-        if weight is None:
-            continue
-        if name in folds:
-            weight = _rescaled(weight, folds[name])
-        if name in input_scales:
-            weight, dead[name] = _fit_bias(weight, module.bias(), input_scales[name])
-            exact[name] = not dead[name]
-        module.set_weight_bias(weight, module.bias())
-    return exact, {name: count for name, count in dead.items() if count}
-
-
-# ---------------------------------------------------------------- static (FX graph mode)
-
-def _static(model: nn.Module, layers: dict[str, QuantizedTensor], calibration: list[torch.Tensor] | None,
-            input_size: tuple[int, ...]) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, float]]:
-    """The converted graph, its BatchNorm folds and each int8 module's input scale."""
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
-    example = torch.zeros((1, *input_size))
-    batches = calibration if calibration else [synthesize(model, input_size)]
-    graph = _trace(model, example)
-    folds = _fold_batchnorm(graph)
-    mapping = get_default_qconfig_mapping(ENGINE)
-    for name, module in graph.named_modules():
-        if isinstance(module, QUANTIZABLE) and name not in layers:
-            mapping.set_module_name(name, None)  # not quantized by bitsweep: stays fp32
+    for name, module in model.named_modules():
+        hooks.append(module.register_forward_pre_hook(lambda m, args, n=name: inside.append(n)))
+        hooks.append(module.register_forward_hook(leave))
     try:
-        prepared = prepare_fx(graph, mapping, (example,))
-        _widen_activations(prepared, {name for name, qt in layers.items() if _small_codes(qt)})
-        with torch.no_grad():
-            for batch in batches:
-                prepared(batch)
-        _clip_before_relu6(prepared)
-        converted = convert_fx(prepared)
-        input_scales = {}
-        hooks = [m.register_forward_pre_hook(lambda m, args, n=n: input_scales.__setitem__(n, args[0].q_scale()))
-                 for n, m in converted.named_modules() if isinstance(m, _QUANTIZED)]
-        with torch.no_grad():
-            converted(example)
+        batch = torch.export.Dim.AUTO
+        return torch.export.export(model, (example,), dynamic_shapes=({0: batch},)).module()
+    except Exception as exc:  # export reports untraceable code with many exception types
+        where = f"module {inside[-1]!r}" if inside and inside[-1] else type(model).__name__
+        raise BitsweepError(f"the int8-compute path cannot export {where} with torch.export "
+                            f"({type(exc).__name__}: {' '.join(first_line(exc).split())[:200]}); {_FIX}") from None
+    finally:
         for hook in hooks:
             hook.remove()
-    except Exception as exc:  # FX reports untraceable code with many exception types
-        raise BitsweepError(f"the int8-compute path cannot convert this model ({type(exc).__name__}: "
-                            f"{' '.join(str(exc).split())[:300]}); use the weight-only path instead") from exc
-    return converted, folds, input_scales
 
 
-def _small_codes(qt: QuantizedTensor) -> bool:
-    weight = int8_weight(qt)
-    return (weight is not None and int(weight.int_repr().abs().max()) <= _FULL_RANGE_WEIGHT
-            and not weight.q_per_channel_zero_points().any())  # so _rescaled only negates: |q| stays
-
-
-def _widen_activations(prepared: fx.GraphModule, small: set[str]) -> None:
-    """Give 8 bits instead of 7 to activations consumed only by layers whose int8 codes are within ±64.
-
-    fbgemm's AVX2 kernels add uint8 x int8 products pairwise in int16, so x86's qconfig keeps
-    activations to 0..127 (``reduce_range``); with |w| <= 64, 2 * 255 * 64 still fits (checked on
-    this machine: 65 saturates). Codes of <= 7-bit symmetric, <= 6-bit asymmetric and 4-bit pow2 qualify.
-    """
-    from torch.ao.quantization.observer import HistogramObserver
-
-    consumers = {}
-    for node in prepared.graph.nodes:
-        if node.op == "call_module" and isinstance(prepared.get_submodule(node.target), HistogramObserver):
-            consumers.setdefault(node.target, []).extend(node.users)
-    for target, users in consumers.items():
-        observer = prepared.get_submodule(target)
-        if users and observer.reduce_range and all(u.op == "call_module" and u.target in small for u in users):
-            setattr(prepared, target, HistogramObserver(dtype=observer.dtype, qscheme=observer.qscheme))
-
-
-def _clip_before_relu6(prepared: fx.GraphModule) -> None:
-    """Quantize what only feeds a ReLU6 over [0, 6]: the quantizer's clamp then *is* the ReLU6, and
-    the steps are set by 6 instead of the pre-activation range (~40 in EfficientNet-Lite: 7x coarser).
-    FX fuses conv+ReLU this way but not conv+ReLU6."""
-    from torch.ao.quantization.observer import MinMaxObserver, ObserverBase
-
-    def is_relu6(node):
-        return ((node.op == "call_module" and isinstance(prepared.get_submodule(node.target), nn.ReLU6))
-                or (node.op == "call_function" and node.target is torch.nn.functional.relu6))
-
-    for node in prepared.graph.nodes:
-        if node.op != "call_module" or not node.users or not all(is_relu6(user) for user in node.users):
+def _plain_sources(graph: torch.fx.GraphModule, model: nn.Module) -> None:
+    """Record ops traced inside subclasses of Conv/Linear (timm's ``Conv2dSame``, ``Linear``) as from the
+    base class: the quantizer finds its patterns by exact module type and would leave them in float."""
+    modules = dict(model.named_modules())
+    for node in graph.graph.nodes:
+        stack = node.meta.get("nn_module_stack") if node.op == "call_function" else None
+        if not stack:
             continue
-        observer = prepared.get_submodule(node.target)
-        if not isinstance(observer, ObserverBase) or not hasattr(observer, "min_val"):
-            continue
-        clipped = MinMaxObserver(dtype=observer.dtype, qscheme=observer.qscheme, reduce_range=observer.reduce_range,
-                                 quant_min=observer.quant_min, quant_max=observer.quant_max)
-        clipped(torch.stack([observer.min_val.clamp(0, 6), observer.max_val.clamp(0, 6)]))
-        setattr(prepared, node.target, clipped)
+        key, (name, _) = list(stack.items())[-1]
+        module = modules.get(name)
+        base = next((b for b in QUANTIZABLE if isinstance(module, b)), None)
+        if base is not None and type(module) is not base:
+            stack[key] = (name, f"{base.__module__}.{base.__qualname__}")
 
 
-def _trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
-    """An FX graph of ``model`` with timm's composite layers rewritten into ones FX quantization fuses."""
-    from timm.layers import BatchNormAct2d, Conv2dSame
-    from timm.layers._fx import get_notrace_functions, get_notrace_modules
-
-    sizes = {}
-    hooks = [m.register_forward_pre_hook(lambda m, args: sizes.__setitem__(m, args[0].shape[-2:]))
-             for m in model.modules() if isinstance(m, Conv2dSame)]
-    with torch.no_grad():
-        model(example)
-    for hook in hooks:
-        hook.remove()
-    for parent in list(model.modules()):
-        for child_name, child in parent.named_children():
-            if isinstance(child, BatchNormAct2d):
-                setattr(parent, child_name, _split_norm_act(child))
-
-    leaves = tuple(get_notrace_modules())
-
-    class Tracer(fx.Tracer):
-        """timm's own leaf modules and wrapped functions; remembers which module it is inside."""
-
-        def __init__(self):
-            super().__init__(autowrap_functions=tuple(get_notrace_functions()))
-            self.inside = []
-
-        def is_leaf_module(self, m, qualname):
-            return isinstance(m, leaves) or super().is_leaf_module(m, qualname)
-
-        def call_module(self, m, forward, args, kwargs):
-            self.inside.append(self.path_of_module(m))
-            result = super().call_module(m, forward, args, kwargs)
-            self.inside.pop()
-            return result
-
-    tracer = Tracer()
-    try:
-        graph = tracer.trace(model)
-    except Exception as exc:
-        where = f"module {tracer.inside[-1]!r}" if tracer.inside and tracer.inside[-1] else type(model).__name__
-        raise BitsweepError(f"the int8-compute path cannot trace {where} with torch.fx "
-                            f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
-                            "use the weight-only path instead") from exc
-    gm = fx.GraphModule(model, graph)
-    for node in list(gm.graph.nodes):
-        if _is_spatial_mean(node):  # squeeze-excite's pooling: the quantized mean kernel is ~10x slower
-            with gm.graph.inserting_before(node):
-                pooled = gm.graph.call_function(torch.nn.functional.adaptive_avg_pool2d, (node.args[0], 1))
-            node.replace_all_uses_with(pooled)
-            gm.graph.erase_node(node)
-        if node.op != "call_module":
-            continue
-        module = gm.get_submodule(node.target)
-        if isinstance(module, _DROPPABLE):
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
-        elif isinstance(module, Conv2dSame):
-            _unsame(gm, node, module, sizes[module])
-        elif isinstance(module, leaves):
-            raise BitsweepError(f"module {node.target!r} ({type(module).__name__}) cannot be traced for the "
-                                "int8-compute path; use the weight-only path instead")
-    gm.graph.lint()
-    gm.recompile()
-    return gm
+def _layer(node: torch.fx.Node) -> str | None:
+    """The module a graph node was traced in (its qualified name)."""
+    stack = node.meta.get("nn_module_stack")
+    return list(stack.values())[-1][0] if stack else None
 
 
-def _is_spatial_mean(node: fx.Node) -> bool:
-    """``x.mean((2, 3), keepdim=True)`` on a 4-D tensor, as timm's squeeze-excite writes it."""
-    if node.op != "call_method" or node.target != "mean" or len(node.args) != 2:
-        return False
-    dims = node.args[1]
-    return node.kwargs.get("keepdim") is True and isinstance(dims, (tuple, list)) and tuple(dims) in ((2, 3), (-2, -1))
+def _batchnorm_factors(graph: torch.fx.GraphModule, layers: dict[str, QuantizedTensor]) -> dict[str, torch.Tensor]:
+    """Conv layer -> ``gamma / sqrt(var + eps)`` of the BatchNorm pt2e will fold into it (every BatchNorm
+    applied straight to a conv's output), read from the graph's own arguments as pt2e reads them."""
+    def constant(arg):
+        return None if arg is None else operator.attrgetter(arg.target)(graph)
 
-
-def _split_norm_act(layer: nn.Module) -> nn.Module:
-    """timm's BatchNormAct2d as BatchNorm2d then its activation, so conv+bn(+relu) can fuse."""
-    norm = nn.BatchNorm2d(layer.num_features, layer.eps, layer.momentum, layer.affine, layer.track_running_stats)
-    norm.load_state_dict(layer.state_dict(), strict=False)
-    norm.eval()
-    return nn.Sequential(norm, layer.act) if not isinstance(layer.act, nn.Identity) else norm
-
-
-def _unsame(gm: fx.GraphModule, node: fx.Node, conv: nn.Conv2d, size: torch.Size) -> None:
-    """TF 'same' padding for the traced input size: a plain Conv2d, after a ZeroPad2d if uneven."""
-    pads = []
-    for extent, k, s, d in zip(size, conv.kernel_size, conv.stride, conv.dilation):
-        pads.append(max((math.ceil(extent / s) - 1) * s + (k - 1) * d + 1 - extent, 0))
-    plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
-                      conv.groups, conv.bias is not None, conv.padding_mode)
-    plain.load_state_dict(conv.state_dict())
-    (pad_h, pad_w) = pads
-    if pad_h % 2 == 0 and pad_w % 2 == 0:
-        plain.padding = (pad_h // 2, pad_w // 2)
-    else:
-        pad_name = node.target + "_pad"
-        gm.add_submodule(pad_name, nn.ZeroPad2d((pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)))
-        with gm.graph.inserting_before(node):
-            padded = gm.graph.call_module(pad_name, (node.args[0],))
-        node.args = (padded, *node.args[1:])
-    gm.add_submodule(node.target, plain)
-
-
-def _fold_batchnorm(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
-    """Fold each BatchNorm that alone consumes a Conv into that Conv; returns conv -> per-channel factor.
-
-    FX would fold too, but changing the float weight would lose track of the codes; the
-    factor goes into the int8 scale instead, where a fused kernel applies it anyway.
-    """
     folds = {}
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), nn.BatchNorm2d):
+    for node in graph.graph.nodes:
+        source = node.args[0] if node.op == "call_function" and str(node.target) in _NORM_OPS else None
+        if not isinstance(source, torch.fx.Node) or str(source.target) not in _WEIGHT_OPS[:3]:
             continue
-        source = node.args[0]
-        if not (isinstance(source, fx.Node) and source.op == "call_module" and len(source.users) == 1
-                and type(gm.get_submodule(source.target)) is nn.Conv2d):
-            continue
-        norm, conv = gm.get_submodule(node.target), gm.get_submodule(source.target)
-        if not norm.track_running_stats or norm.running_var is None:
-            continue
-        factor = torch.rsqrt(norm.running_var + norm.eps)
-        if norm.affine:
-            factor = factor * norm.weight
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
-        shift = (bias - norm.running_mean) * factor + (norm.bias if norm.affine else 0)
-        with torch.no_grad():
-            conv.weight.mul_(factor.reshape(-1, 1, 1, 1))
-            conv.bias = nn.Parameter(shift, requires_grad=False)
-        folds[source.target] = factor.detach().clone()
-        node.replace_all_uses_with(source)
-        gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.recompile()
+        if _layer(source) in layers:  # args: input, weight, bias, mean, var, [training,] momentum, eps
+            gamma, var = constant(node.args[1]), constant(node.args[4])
+            eps = node.args[7] if "legit" not in str(node.target) else node.args[6]
+            factor = torch.rsqrt(var + eps)
+            folds[_layer(source)] = factor if gamma is None else factor * gamma
     return folds
+
+
+def _keep_in_float(quantizer, keep: set[str], x86) -> None:
+    """Leave the Conv/Linear layers in ``keep`` unquantized. ``set_module_name_qconfig(name, None)``
+    does not: a conv + ReLU pattern spans two modules, fails the name filter, and the global config
+    takes it; marking the layer's own node as annotated makes every pattern containing it skip."""
+    annotate = quantizer.annotate
+
+    def keeping(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        for node in model.graph.nodes:
+            if node.op == "call_function" and str(node.target) in _WEIGHT_OPS and _layer(node) in keep:
+                x86._annotate_nodes_not_quantize(node)
+        return annotate(model)
+
+    quantizer.annotate = keeping
+
+
+def _wide_layers(layers: dict[str, QuantizedTensor], limit: int) -> set[str]:
+    """Layers whose int8 weights need more than +-``limit``: exact codes beyond it, or 8-bit weights
+    that are requantized anyway (an affine zero point oneDNN cannot take), where +-127 keeps 8 bits."""
+    wide = set()
+    for name, qt in layers.items():
+        weight = int8_weight(qt)
+        if weight is None or weight.zero_point.any():
+            if qt.bits >= 8:
+                wide.add(name)
+        elif int(weight.codes.abs().max()) > limit:
+            wide.add(name)
+    return wide
+
+
+def _narrow_activations(prepared: torch.fx.GraphModule, wide: set[str]) -> dict[str, int]:
+    """Give 7-bit activation ranges (0..127) to the inputs of ``wide`` layers, so that their int8 codes
+    up to +-127 multiply without saturating on CPUs without VNNI. Returns layer -> weight limit (127)
+    for each wide layer whose input observer was narrowed; the others keep ``weight_limit()``."""
+    limits = {}
+    for node in prepared.graph.nodes:
+        observer = prepared.get_submodule(node.target) if node.op == "call_module" else None
+        if getattr(observer, "qscheme", None) != torch.per_tensor_affine or observer.quant_min != 0:
+            continue  # not an activation observer (weights are per channel, signed)
+        readers = {_layer(user) for user in node.users
+                   if user.op == "call_function" and str(user.target) in _WEIGHT_OPS and user.args[0] is node}
+        if not readers & wide:
+            continue
+        setattr(prepared, node.target, type(observer)(dtype=observer.dtype, qscheme=observer.qscheme,
+                                                       quant_min=0, quant_max=127))
+        limits.update({name: 127 for name in readers & wide})
+    return limits
+
+
+def _weight_nodes(graph: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
+    """Layer -> the ``dequantize_per_channel`` node of its int8 weight in a converted graph."""
+    found = {}
+    for node in graph.graph.nodes:
+        if node.op == "call_function" and str(node.target) in _WEIGHT_OPS and len(node.args) > 1:
+            weight = node.args[1]
+            if isinstance(weight, torch.fx.Node) and "dequantize_per_channel" in str(weight.target):
+                found[_layer(node)] = weight
+    return found
+
+
+def int8_weights(graph: torch.fx.GraphModule) -> dict[str, Int8Weight]:
+    """Layer -> the int8 weight constants a converted graph (``Int8Module.graph``) computes with."""
+    return {name: Int8Weight(*(getattr(graph, arg.target) for arg in node.args[:3]))
+            for name, node in _weight_nodes(graph).items()}
+
+
+def _install_weights(graph: torch.fx.GraphModule, layers: dict[str, QuantizedTensor],
+                     folds: dict[str, torch.Tensor], limits: dict[str, int]) -> dict[str, bool]:
+    """Replace the observers' int8 weights by our codes (and BatchNorm factor) where an exact form fits
+    oneDNN (zero point 0, |code| <= the layer's limit: ``limits``, else ``weight_limit()``), else by our
+    dequantized weights requantized per channel to that limit. Returns layer -> exact."""
+    exact = {}
+    for name, node in _weight_nodes(graph).items():
+        qt, limit = layers[name], limits.get(name, weight_limit())
+        column = (-1,) + (1,) * (qt.codes.dim() - 1)
+        factor = folds.get(name, torch.ones(qt.codes.shape[0]))
+        weight = int8_weight(qt)
+        if weight is not None and not weight.zero_point.any():
+            codes = weight.codes.to(torch.int32) * torch.where(factor < 0, -1, 1).reshape(column)
+            weight = Int8Weight(codes, (weight.scale * factor).abs(), weight.zero_point)
+        folded = qt.dequantize().to(torch.float32) * factor.reshape(column)
+        observed = Int8Weight(*(getattr(graph, arg.target) for arg in node.args[:3]))
+        step = observed.scale.reshape(column)
+        if not ((folded - observed.dequantize()).abs() <= step * 0.51 + folded.abs() * 1e-5).all():
+            raise BitsweepError(f"layer {name!r}: pt2e's folded weight is not the fake-quant weight times its "
+                                f"BatchNorm factor (an unexpected fold); {_FIX}")
+        exact[name] = weight is not None and not weight.zero_point.any() and int(weight.codes.abs().max()) <= limit
+        if not exact[name]:  # lossy: the fake-quant weight (BatchNorm folded) rounded to the widest fitting codes
+            scale = folded.reshape(folded.shape[0], -1).abs().amax(1).div(limit).clamp_min(torch.finfo().tiny)
+            codes = (folded / scale.reshape(column)).round().clamp(-limit, limit)
+            weight = Int8Weight(codes, scale, torch.zeros_like(scale, dtype=torch.int32))
+        for arg, value in zip(node.args[:3], (weight.codes.to(torch.int8), weight.scale.to(torch.float32),
+                                              weight.zero_point.to(torch.int64))):
+            setattr(graph, arg.target, value.contiguous())
+    return exact
