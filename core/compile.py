@@ -128,10 +128,21 @@ class PackedConv(_PackedLayer):
         super().__init__(packed)
         conv = copy.copy(conv)
         conv._parameters = {k: v for k, v in conv._parameters.items() if k != "weight"}
+        self.bias = conv.bias  # before conv: registering it checks that no attribute of that name exists
         object.__setattr__(self, "conv", conv)  # not a submodule: the state dict keeps the layer's own keys
-        self.bias = conv.bias
         plain = type(conv) in _FUNCTIONAL and conv.padding_mode == "zeros"
         self.functional = _FUNCTIONAL[type(conv)] if plain else None
+
+    def __getattr__(self, name: str):
+        """The convolution's own attributes (``kernel_size``, ``stride``, ``in_channels``...), for models
+        whose forward reads them (timm's DaViT reads ``kernel_size``)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            conv = self.__dict__.get("conv")
+            if conv is None:
+                raise
+            return getattr(conv, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight

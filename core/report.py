@@ -83,7 +83,7 @@ def summary_table(rows: list[dict]) -> Table:
     """Per model: fp32 accuracy and the fewest bits that stay within 1 point of it."""
     table = Table(["model", "fp32 top-1 / agreement", "fewest bits within 1 point of fp32", "scheme"], [])
     ok = [r for r in rows if r["status"] == "ok" and r["scheme"] != "fp32"]
-    for base in (r for r in rows if r["scheme"] == "fp32"):
+    for base in (r for r in rows if r["scheme"] == "fp32" and r["status"] == "ok"):
         metric = "top1" if base.get("top1") is not None else "agreement"
         good = [r for r in ok if r["model"] == base["model"] and r.get(metric) is not None
                 and base[metric] - r[metric] <= 1.0]

@@ -29,7 +29,7 @@ from prefect.cache_policies import NO_CACHE
 from bitsweep import sweep as steps
 from bitsweep.budget import MemoryBudget, cell_bytes
 from bitsweep.config import Sweep, load_config
-from bitsweep.errors import BitsweepError
+from bitsweep.errors import BitsweepError, first_line
 from bitsweep.files import run_lock
 from bitsweep.flows import runners
 from bitsweep.report import data_uri, to_markdown, write_report
@@ -130,14 +130,19 @@ def _named(step, cell: steps.Cell):
     return step.with_options(task_run_name=f"{step.name.replace('_', ' ')} {cell.label}")
 
 
-def _load_models(sweep: Sweep) -> list[steps.ModelRecord]:
-    """Each model once, one after another: loading may train, and training uses every core."""
+def _load_models(sweep: Sweep) -> list[steps.ModelRecord | dict]:
+    """Each model once, one after another: loading may train, and training uses every core. A model that
+    cannot be loaded or run on the sweep's data (one of a glob's many) is a failed row; the others go on."""
     torch.set_num_threads(os.cpu_count() or 1)
-    records = []
+    loaded = []
     for spec in steps.expand_models(sweep):
-        record = steps.find_record(sweep, spec)
-        records.append(record or load_model.with_options(task_run_name=f"load {spec.id}")(sweep, spec))
-    return records
+        try:
+            loaded.append(steps.find_record(sweep, spec)
+                          or load_model.with_options(task_run_name=f"load {spec.id}")(sweep, spec))
+        except Exception as exc:
+            loaded.append(steps.failed_model_row(sweep, spec, f"load: {type(exc).__name__}: {first_line(exc)}"))
+            get_run_logger().error(f"{spec.id}: {loaded[-1]['error']}")
+    return loaded
 
 
 def _run_cells(sweep: Sweep, records: list[steps.ModelRecord], progress: Callable[[dict], None],
@@ -183,7 +188,8 @@ def _run_cells(sweep: Sweep, records: list[steps.ModelRecord], progress: Callabl
 
 def run_sweep(sweep: Sweep, budget: MemoryBudget | None = None) -> list[dict]:
     """One sweep inside the flow: models, cells, results files and Prefect artifacts."""
-    records = _load_models(sweep)
+    loaded = _load_models(sweep)
+    records = [item for item in loaded if isinstance(item, steps.ModelRecord)]
     for record in records:
         profile_model.with_options(task_run_name=f"profile {record.model} fp32")(sweep, record)
         cluster_classes.with_options(task_run_name=f"cluster classes {record.model}")(sweep, record)
@@ -209,7 +215,10 @@ def run_sweep(sweep: Sweep, budget: MemoryBudget | None = None) -> list[dict]:
     plan = {(c.scheme, c.bits, c.granularity, c.policy.label, c.recipe, c.kernel): i
             for i, c in enumerate(steps.plan_cells(sweep, ""))}
     rows = []
-    for record in records:  # table order: each model's fp32 row, then its cells in plan order
+    for record in loaded:  # table order: each model's fp32 row (or failed row), then its cells in plan order
+        if not isinstance(record, steps.ModelRecord):
+            rows.append(record)
+            continue
         mine = [r for r in cells if r["model"] == record.model]
         order = lambda r: plan[r["scheme"], r["bits"], r["granularity"], r["policy"], r["recipe"], r["kernel"]]  # noqa: E731
         rows += [record.baseline, *sorted(mine, key=order)]

@@ -38,6 +38,9 @@ def _timm_kwargs(source: str, spec: ModelSpec, allowed: set[str]) -> dict:
     return dict(options.get("kwargs", {}))
 
 
+MAX_GLOB_MODELS = 100  # a glob such as "*" (1371 models) is a slip, not a sweep
+
+
 class Timm(ModelSource):
     name = "timm"
     description = "any timm architecture by name or glob; pretrained weights from the Hugging Face cache"
@@ -48,7 +51,12 @@ class Timm(ModelSource):
             return [spec]
         names = timm.list_models(spec.name, pretrained=bool(spec.options.get("pretrained")))
         if not names:
-            raise BitsweepError(f"model glob {spec.name!r} matches no timm model; try timm.list_models('{spec.name}')")
+            raise BitsweepError(f"model glob {spec.name!r} matches no timm model; fix the pattern "
+                                f"(python -c \"import timm; print(timm.list_models('{spec.name}'))\" lists matches)")
+        if len(names) > MAX_GLOB_MODELS:
+            raise BitsweepError(f"model glob {spec.name!r} matches {len(names)} timm models, more than the "
+                                f"{MAX_GLOB_MODELS} one entry may stand for; narrow it (e.g. '{names[0]}*') "
+                                "or split it into several entries")
         return [spec.model_copy(update={"name": n, "label": None}) for n in names]
 
     def load(self, spec, context):

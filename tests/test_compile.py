@@ -64,6 +64,9 @@ def test_models_that_read_a_layers_weight_still_run(kernel_build):
     packed = compile_packed(quantized)
     assert isinstance(packed.proj, PackedConv) and isinstance(packed.fc, PackedLinear)
     assert torch.equal(packed.fc.weight, quantized.fc.weight.detach())
+    assert (packed.proj.kernel_size, packed.proj.in_channels) == (quantized.proj.kernel_size, 4)  # DaViT reads these
+    with pytest.raises(AttributeError):
+        packed.proj.no_such_attribute
     assert "proj.weight" not in packed.state_dict() and not any(p.numel() == 32 for p in packed.parameters())
     x = torch.randn(3, 4, 6, 6)
     with torch.no_grad():

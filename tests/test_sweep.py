@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -197,6 +198,7 @@ def test_kernel_paths_share_one_packed_file(tmp_path, monkeypatch, prefect_harne
     weight_only, int8 = (next(r for r in rows if r.get("kernel") == k) for k in ("weight-only", "int8"))
     assert weight_only["bytes_stored"] == int8["bytes_stored"] and weight_only["key"] != int8["key"]
     assert weight_only["agreement"] >= 95 and int8["agreement"] >= 80 and int8["latency_b1_ms"] > 0
+    assert int8["compile_seconds"] > 0 and weight_only["compile_seconds"] is None
     assert len(list((tmp_path / "run" / "packed").glob("*/model.safetensors"))) == 1
 
 
@@ -237,3 +239,36 @@ def test_recipes_are_an_axis_with_their_own_packed_files(tmp_path, monkeypatch, 
     assert clipped["bytes_stored"] == naive["bytes_stored"], "same widths, same packed size"
     profile = json.loads((tmp_path / "run" / "profile.json").read_text())
     assert {r["recipe"] for r in profile} == {"", "none", "mse"}
+
+
+def test_a_glob_runs_each_match_and_a_model_that_cannot_run_is_one_failed_row(tmp_path, monkeypatch, prefect_harness):
+    """test_vit3 wants 160x160 images and the data is 16x16: its row says so; test_vit4 (named by the glob and
+    again by name: it runs once) is swept; the flow then fails in one line, after writing every row."""
+    from bitsweep import BitsweepError
+    from bitsweep.flows.sweep import sweep_flow
+
+    monkeypatch.setenv("BITSWEEP_CACHE", str(tmp_path / "cache"))
+    config = yaml.safe_load(write_config(tmp_path, schemes=("asymmetric",), bits=(8,)).read_text())
+    config["sweeps"][0] |= {"models": ["test_vit[34]", "test_vit4"], "policies": ["full"], "compressors": ["gzip"],
+                            "dataset": {"name": "synthetic", "n": 64, "num_classes": 4, "size": 16, "channels": 3}}
+    (tmp_path / "flows.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(BitsweepError, match=r"^1 of 3 rows failed \(first: test_vit3 fp32 32b fp32: load: "
+                                            r"AssertionError: Input height \(16\) doesn't match model \(160\)\.\)"):
+        sweep_flow(config_path=str(tmp_path / "flows.yaml"))
+    rows = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [(r["model"], r["scheme"], r["status"]) for r in rows] == [
+        ("test_vit3", "fp32", "failed"), ("test_vit4", "fp32", "ok"), ("test_vit4", "asymmetric", "ok")]
+    assert rows[2]["agreement"] >= 90 and (tmp_path / "run" / "report" / "report.html").exists()
+
+
+def test_a_glob_that_matches_nothing_or_too_much_is_refused_in_one_line(tmp_path):
+    from bitsweep import BitsweepError
+
+    for glob, problem in (("resnet_nope*", "matches no timm model; fix the pattern"),
+                          ("*", r"matches \d+ timm models, more than the 100 one entry may stand for; narrow it")):
+        config = yaml.safe_load(write_config(tmp_path).read_text())
+        config["sweeps"][0]["models"] = [glob]
+        (tmp_path / "flows.yaml").write_text(yaml.safe_dump(config))
+        with pytest.raises(BitsweepError, match=rf"^model glob '{re.escape(glob)}' {problem}") as refused:
+            steps.check_sweeps(load_config(tmp_path / "flows.yaml").sweeps)
+        assert "\n" not in str(refused.value)
