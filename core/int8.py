@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import operator
 import threading
 import time
@@ -90,6 +91,7 @@ def _cpu_flags() -> set[str]:
         return set()
 
 
+@functools.cache
 def weight_limit() -> int:
     """The largest |int8 weight| oneDNN multiplies exactly with 8-bit activations on this CPU: 127 with
     VNNI (int32 accumulation), else 64 (u8 x s8 pairs summed in int16: 2 * 255 * 64 fits, 65 may not)."""
