@@ -7,21 +7,18 @@ import time
 
 import torch
 
+from bitsweep.kernels import cpu_flags
+
 FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
 def cpu_summary() -> str:
     """The CPU model and its vector features from /proc/cpuinfo, e.g. ``AMD EPYC | avx2 yes, avx512f no, ...``:
     speed figures differ by CPU, so every table starts with it."""
-    model, flags = "unknown CPU", set()
+    model, flags = "unknown CPU", cpu_flags()
     try:
         with open("/proc/cpuinfo") as info:
-            for line in info:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and model == "unknown CPU":
-                    model = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
+            model = next((line.partition(":")[2].strip() for line in info if line.startswith("model name")), model)
     except OSError:
         pass
     features = ", ".join(f"{name} {'yes' if name in flags else 'no'}" for name in FEATURES)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from bitsweep.errors import BitsweepError, first_line
+from bitsweep.kernels import cpu_flags
 from bitsweep.quantize import QUANTIZABLE, quantizable_layers
 from bitsweep.schemes import AffineScheme, QuantizedTensor
 from bitsweep.synthetic import input_size as model_input_size, synthesize
@@ -83,19 +84,11 @@ def int8_weight(qt: QuantizedTensor) -> Int8Weight | None:
     return weight if exact else None
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next((set(line.split(":", 1)[1].split()) for line in info if line.startswith("flags")), set())
-    except OSError:
-        return set()
-
-
 @functools.cache
 def weight_limit() -> int:
     """The largest |int8 weight| oneDNN multiplies exactly with 8-bit activations on this CPU: 127 with
     VNNI (int32 accumulation), else 64 (u8 x s8 pairs summed in int16: 2 * 255 * 64 fits, 65 may not)."""
-    return 127 if _cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"} else 64
+    return 127 if cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"} else 64
 
 
 class SharedLock:

@@ -35,14 +35,20 @@ class KernelWarning(UserWarning):
     """The compiled kernels are unavailable; bitsweep runs the pure-PyTorch path."""
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as /proc/cpuinfo spells them (empty where it does not exist)."""
+    with contextlib.suppress(OSError, StopIteration):
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
 def _machine() -> str:
     """What the compiled code depends on: CPU features, platform, torch, bitsweep and the source."""
     from bitsweep import __version__
 
-    flags = ""
-    with contextlib.suppress(OSError, StopIteration):
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    parts = [flags, platform.machine(), platform.python_version(), torch.__version__, __version__,
+    parts = [" ".join(sorted(cpu_flags())), platform.machine(), platform.python_version(), torch.__version__, __version__,
              SOURCE.read_bytes().hex()]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
