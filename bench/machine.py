@@ -27,16 +27,19 @@ def cpu_summary() -> str:
 
 def alternate(calls: dict[str, callable], layers: int, repeats: int) -> dict[str, float]:
     """Median seconds per call of each ``calls[key](layer)``, run alternately layer by layer, so that load
-    from other processes hits every contender alike."""
+    from other processes hits every contender alike. The order rotates from one layer to the next, so each
+    contender runs equally often in each place (the call after another layer's differs: caches, clocks)."""
     times = {key: [] for key in calls}
+    keys = list(calls)
     with torch.no_grad():
         for fn in calls.values():  # warm-up: builds, first-touch page faults, thread pools
             for layer in range(layers):
                 fn(layer)
-        for _ in range(repeats):
+        for repeat in range(repeats):
             for layer in range(layers):
-                for key, fn in calls.items():
+                turn = (repeat * layers + layer) % len(keys)
+                for key in keys[turn:] + keys[:turn]:
                     start = time.perf_counter()
-                    fn(layer)
+                    calls[key](layer)
                     times[key].append(time.perf_counter() - start)
     return {key: statistics.median(values) for key, values in times.items()}

@@ -29,6 +29,17 @@
 
 #define INLINE inline __attribute__((always_inline))
 
+// Where the compiler targets AVX-512 (-march=native on Intel Ice Lake and later, AMD Zen 4 and later),
+// the Linear kernel's blocks run on 512-bit vectors, two slots per vector (see pair()), for the widths
+// and kinds where that measured faster than the AVX2 code (wide_blocks()); elsewhere, and for the tail
+// and decode everywhere, the AVX2 code. Same layout and results either way; vector_bits() says which was
+// compiled. -DBITSWEEP_NO_AVX512 forces the AVX2 code.
+#if defined(__AVX512F__) && !defined(BITSWEEP_NO_AVX512)
+#define BITSWEEP_AVX512 1
+#else
+#define BITSWEEP_AVX512 0
+#endif
+
 namespace {
 
 constexpr int64_t kBlock = 256;  // codes per block: 8 lanes x 32 slots
@@ -85,13 +96,28 @@ INLINE __m256i code_u(const uint8_t* blk) {
   return v;
 }
 
+// Whether a block's slots run in 512-bit pairs. Some CPUs run a 512-bit operation as two 256-bit halves,
+// so pairs are used only where they save operations or loads: 2- and 4-bit linear codes (in place, no
+// code straddles a word, both slots of a pair in one word: one broadcast load), and tables of 4 to 32
+// levels (one vpermps / vpermt2ps for 16 weights, where AVX2 needs two vpermps and a blend, or a gather,
+// or pow2's bit arithmetic). Elsewhere (odd widths' straddling codes, 6 and 8 bits, 3-bit tables: one
+// 256-bit vpermps already, larger tables, pow2's bits at 6 to 8 bits) pairs save nothing and the AVX2
+// code runs; bench/kernels.py measures both on the machine at hand.
+constexpr bool wide_blocks(int kind, int B) {
+  if (!BITSWEEP_AVX512) return false;
+  if (kind == kLinear) return B == 2 || B == 4;
+  return B == 2 || B == 4 || B == 5;
+}
+
 // Where slot I's code sits in the 32-bit lane a linear level is converted from: in place at bit o when
 // u << o is a positive int32 (one AND), else (the top code, and codes straddling two words) shifted
 // down to bit 0. vcvtdq2ps turns u << p into the float u * 2^p exactly (at most 8 significant bits), a
 // normal float for every u > 0, so x carries 2^(S - p); no subnormal is ever read or made.
-constexpr int low_bit(int B, int i) {
+// In 512-bit pairs (widths that divide 32: no code straddles) every code stays in place, the top one
+// converted as unsigned (vcvtudq2ps).
+constexpr int low_bit(int B, int i, bool wide) {
   const int o = B * i % 32;
-  return o + B >= 32 ? 0 : o;
+  return wide || o + B < 32 ? o : 0;
 }
 
 template <int B, int I>
@@ -146,7 +172,7 @@ INLINE __m256 level(const uint8_t* blk, const float* lut, __m256 lo, __m256 hi) 
 // u * 2^p and take 2^(S - p); pow2 levels are 2^(|c| - 127) and take 2^(127 - L - a).
 double slot_factor(int kind, int B, int i, int shift) {
   if (kind == kTable) return 1.0;
-  return std::ldexp(1.0, kind == kPow2 ? shift : shift - low_bit(B, i));
+  return std::ldexp(1.0, kind == kPow2 ? shift : shift - low_bit(B, i, wide_blocks(kind, B)));
 }
 
 // Eight consecutive codes of an LSB-first stream, from the 64-bit word starting at their first bit.
@@ -224,7 +250,94 @@ struct Call {
   const float* xsum;  // [M, G] per-group sums of x: they carry zero points and a linear table's offset
   double post;        // the vector sums times this are in units of x (double: it may exceed float's range)
   float* y;           // [M, N]
+  // The levels the 512-bit blocks look up with permutes (<= 5 bits): lut[u] (repeated below 16 entries),
+  // or for pow2 the levels level() makes from the bits.
+  alignas(64) float table[32];
 };
+
+// The accumulators' few operations, for 256- and 512-bit vectors alike.
+INLINE float acc_sum(__m256 v) { return hsum(v); }
+INLINE __m256 acc_add(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
+INLINE __m256 acc_fmadd8(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
+template <typename V>
+INLINE V acc_zero() { return V{}; }
+
+#if BITSWEEP_AVX512
+INLINE __m512 acc_add(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
+INLINE float acc_sum(__m512 v) {
+  return hsum(_mm256_add_ps(_mm512_castps512_ps256(v),
+                            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+}
+INLINE __m512 acc_fmadd8(__m256 a, __m256 b, __m512 c) {
+  return _mm512_fmadd_ps(_mm512_zextps256_ps512(a), _mm512_zextps256_ps512(b), c);
+}
+
+// 32-bit lanes 0..7 set to a, 8..15 to b (slot 2j's and slot 2j + 1's halves of a pair).
+INLINE __m512i halves(uint32_t a, uint32_t b) {
+  return _mm512_inserti64x4(_mm512_set1_epi32(int32_t(a)), _mm256_set1_epi32(int32_t(b)), 1);
+}
+
+// Word E0 of a block's lanes in the low half, word E1 in the high half: one load.
+template <int E0, int E1>
+INLINE __m512i words2(const uint8_t* blk) {
+  if constexpr (E0 == E1)
+    return _mm512_broadcast_i64x4(word(blk, E0));
+  else {
+    static_assert(E1 == E0 + 1, "two consecutive slots lie in one word or in two adjacent ones");
+    return _mm512_loadu_si512(blk + 32 * E0);
+  }
+}
+
+// The codes of slots I and I + 1 (I even) shifted down to bit 0; with MASK false the bits from B up may
+// hold other codes. A slot that does not straddle takes its own word as the "next" one: shifted left by
+// 32 - o (zero for o = 0) it only puts bits at B and above.
+template <int B, int I, bool MASK>
+INLINE __m512i pair_codes(const uint8_t* blk) {
+  using S0 = Slot<B, I>;
+  using S1 = Slot<B, I + 1>;
+  const __m512i lo = words2<S0::d, S1::d>(blk);
+  __m512i v;
+  if constexpr (S0::straddle || S1::straddle) {
+    const __m512i hi = words2<S0::d + S0::straddle, S1::d + S1::straddle>(blk);
+    v = _mm512_or_si512(_mm512_srlv_epi32(lo, halves(S0::o, S1::o)),
+                        _mm512_sllv_epi32(hi, halves(32 - S0::o, 32 - S1::o)));
+  } else if constexpr (S0::o == S1::o) {
+    v = S0::o ? _mm512_srli_epi32(lo, S0::o) : lo;
+  } else {
+    v = _mm512_srlv_epi32(lo, halves(S0::o, S1::o));
+  }
+  if constexpr (MASK) v = _mm512_and_si512(v, _mm512_set1_epi32((1 << B) - 1));
+  return v;
+}
+
+struct Tables {
+  __m512 t[2];
+};
+
+// The levels of slots I and I + 1 as pair() multiplies them: the 512-bit level(). Linear codes are
+// converted in place (u << o, one AND); tables of up to 32 levels are one vpermps / vpermt2ps, pow2's
+// too (its levels as level() makes them from the bits).
+template <int B, int KIND, int I>
+INLINE __m512 level2(const uint8_t* blk, const float* lut, const Tables& t) {
+  using S0 = Slot<B, I>;
+  using S1 = Slot<B, I + 1>;
+  constexpr bool straddle = S0::straddle || S1::straddle;
+  if constexpr (KIND == kLinear) {
+    static_assert(!straddle, "wide_blocks() takes linear codes at widths that divide 32");
+    if constexpr (S0::top || S1::top)  // u << o may be 2^31 or more
+      return _mm512_cvtepu32_ps(
+          _mm512_and_si512(words2<S0::d, S1::d>(blk), halves(S0::mask << S0::o, S1::mask << S1::o)));
+    else
+      return _mm512_cvtepi32_ps(
+          _mm512_and_si512(words2<S0::d, S1::d>(blk), halves(S0::mask << S0::o, S1::mask << S1::o)));
+  } else if constexpr (B <= 4) {
+    return _mm512_permutexvar_ps(pair_codes<B, I, false>(blk), t.t[0]);  // reads 4 index bits
+  } else {
+    static_assert(B == 5, "wide_blocks() takes tables of up to 32 levels");
+    return _mm512_permutex2var_ps(t.t[0], pair_codes<B, I, false>(blk), t.t[1]);  // reads 5
+  }
+}
+#endif
 
 // Independent accumulators per (row, batch row): FMA latency needs 8 chains in flight.
 template <int R, int MT>
@@ -250,6 +363,41 @@ INLINE void block(std::integer_sequence<int, I...>, const uint8_t* const* blk, c
   ((slot<B, KIND, I, R, MT>(blk, xb, acc, lut, lo, hi), (GROUPED && --left == 0) ? flush() : void()), ...);
 }
 
+#if BITSWEEP_AVX512
+// Slots I and I + 1 of a block: one 512-bit load of x and one vector of levels per row. A group that
+// ends between them (groups of an odd number of slots) takes the low half, the next the high half.
+template <int B, int KIND, int I, int R, int MT, bool GROUPED, int A, typename Flush>
+INLINE void pair(const uint8_t* const* blk, const float* const* xb, __m512 (&acc)[R][MT][A], const float* lut,
+                 const Tables& t, int64_t& left, Flush& flush) {
+  constexpr int a = I / 2 % A;
+  __m512 xv[MT];
+  for (int m = 0; m < MT; ++m) {
+    xv[m] = _mm512_loadu_ps(xb[m] + 8 * I);
+    asm("" : "+v"(xv[m]));  // keep x in a register: one load per pair, not one per row
+  }
+  __m512 w[R];
+  for (int r = 0; r < R; ++r) w[r] = level2<B, KIND, I>(blk[r], lut, t);
+  if (!GROUPED || left >= 2) {
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MT; ++m) acc[r][m][a] = _mm512_fmadd_ps(w[r], xv[m], acc[r][m][a]);
+    if (GROUPED && (left -= 2) == 0) flush();
+  } else {
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MT; ++m) acc[r][m][a] = _mm512_mask3_fmadd_ps(w[r], xv[m], acc[r][m][a], 0x00FF);
+    flush();
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MT; ++m) acc[r][m][a] = _mm512_mask3_fmadd_ps(w[r], xv[m], acc[r][m][a], 0xFF00);
+    if (--left == 0) flush();
+  }
+}
+
+template <int B, int KIND, int R, int MT, bool GROUPED, typename Flush, int A, int... P>
+INLINE void block2(std::integer_sequence<int, P...>, const uint8_t* const* blk, const float* const* xb,
+                   __m512 (&acc)[R][MT][A], const float* lut, const Tables& t, int64_t& left, Flush& flush) {
+  (pair<B, KIND, 2 * P, R, MT, GROUPED>(blk, xb, acc, lut, t, left, flush), ...);
+}
+#endif
+
 // Rows n0 .. n0+R-1 (clamped to the last row; only real rows are stored) x batch rows m0 .. m0+MT-1.
 template <int B, int KIND, int R, int MT, bool GROUPED>
 void tile(const Layer& L, const Call& c, int64_t n0, int64_t m0) {
@@ -263,22 +411,31 @@ void tile(const Layer& L, const Call& c, int64_t n0, int64_t m0) {
   __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
   if constexpr (KIND != kLinear && B <= 4) table_vectors(L, lo, hi);  // the tail looks pow2 up too
   const float offset = KIND == kLinear ? L.lut[0] : 0.0f;
+  constexpr bool W = wide_blocks(KIND, B);
+#if BITSWEEP_AVX512
+  Tables t;
+  if constexpr (W && KIND != kLinear)
+    for (int i = 0; i < 2; ++i) t.t[i] = _mm512_load_ps(c.table + 16 * i);
+  using Acc = std::conditional_t<W, __m512, __m256>;
+#else
+  using Acc = __m256;
+#endif
   constexpr int A = chains<R, MT>();
-  __m256 acc[R][MT][A];
+  Acc acc[R][MT][A];
   float total[R][MT] = {}, rest[R][MT] = {};
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MT; ++m)
-      for (int a = 0; a < A; ++a) acc[r][m][a] = _mm256_setzero_ps();
+      for (int a = 0; a < A; ++a) acc[r][m][a] = acc_zero<Acc>();
   const int64_t per_group = L.group / 8;
   int64_t g = 0, left = per_group;
   auto flush = [&]() {
     for (int r = 0; r < R; ++r) {
       const float s = L.scale[rows[r] * G + g], z = L.zero[rows[r] * G + g];
       for (int m = 0; m < MT; ++m) {
-        __m256 sum = acc[r][m][0];
-        for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[r][m][a]);
-        total[r][m] += s * (float(hsum(sum) * c.post) + rest[r][m] + (offset - z) * c.xsum[(m0 + m) * G + g]);
-        for (int a = 0; a < A; ++a) acc[r][m][a] = _mm256_setzero_ps();
+        Acc sum = acc[r][m][0];
+        for (int a = 1; a < A; ++a) sum = acc_add(sum, acc[r][m][a]);
+        total[r][m] += s * (float(acc_sum(sum) * c.post) + rest[r][m] + (offset - z) * c.xsum[(m0 + m) * G + g]);
+        for (int a = 0; a < A; ++a) acc[r][m][a] = acc_zero<Acc>();
         rest[r][m] = 0.0f;
       }
     }
@@ -290,8 +447,13 @@ void tile(const Layer& L, const Call& c, int64_t n0, int64_t m0) {
     for (int64_t line = 0; line < step; line += 64)
       _mm_prefetch(reinterpret_cast<const char*>(blk[0]) + kPrefetch + line, _MM_HINT_T0);
     for (int m = 0; m < MT; ++m) xb[m] = c.xs + (m0 + m) * K + b * kBlock;
-    block<B, KIND, R, MT, GROUPED>(std::make_integer_sequence<int, 32>{}, blk, xb, acc, L.lut, lo, hi, left,
-                                   flush);
+#if BITSWEEP_AVX512
+    if constexpr (W)
+      block2<B, KIND, R, MT, GROUPED>(std::make_integer_sequence<int, 16>{}, blk, xb, acc, L.lut, t, left, flush);
+    else
+#endif
+      block<B, KIND, R, MT, GROUPED>(std::make_integer_sequence<int, 32>{}, blk, xb, acc, L.lut, lo, hi, left,
+                                     flush);
     for (int r = 0; r < R; ++r) blk[r] += step;
   }
   // The tail: eight codes at a time from the bitstream (true levels), then the last < 8 one by one.
@@ -302,7 +464,7 @@ void tile(const Layer& L, const Call& c, int64_t n0, int64_t m0) {
     for (int r = 0; r < R; ++r) {
       const uint64_t w = stream_word(L.tail, (rows[r] * L.rest + 8 * q) * B);
       const __m256 v = levels8<B, KIND>(codes8<B>(w), L.lut, lo, hi);
-      for (int m = 0; m < MT; ++m) acc[r][m][0] = _mm256_fmadd_ps(v, xv[m], acc[r][m][0]);
+      for (int m = 0; m < MT; ++m) acc[r][m][0] = acc_fmadd8(v, xv[m], acc[r][m][0]);
     }
     if (GROUPED && --left == 0) flush();
   }
@@ -531,7 +693,16 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor prepared, int64_t N, int64_t
       sp[m * G + g] = sum;
     }
   }
-  const Call c{xp, xsp, sp, post, y.data_ptr<float>()};
+  Call c{xp, xsp, sp, post, y.data_ptr<float>(), {}};
+  for (int u = 0; u < 32; ++u) {
+    const int v = u % (1 << bits), levels = (1 << (bits - 1)) - 1, cc = v - levels;
+    if (kind == kPow2) {
+      const uint32_t b = (uint32_t(std::abs(cc)) << 23) | (cc < 0 ? 0x80000000u : 0u);
+      std::memcpy(c.table + u, &b, 4);
+    } else {
+      c.table[u] = L.lut[v];
+    }
+  }
   switch (bits) {
     case 2: dispatch_kind<2>(kind, L, c, M); break;
     case 3: dispatch_kind<3>(kind, L, c, M); break;
@@ -586,7 +757,11 @@ torch::Tensor linear_decoded(torch::Tensor x, torch::Tensor prepared, int64_t N,
   return y;
 }
 
+// The widest vectors the Linear kernel was compiled for: 512 (AVX-512) or 256 (AVX2).
+int64_t vector_bits() { return BITSWEEP_AVX512 ? 512 : 256; }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("vector_bits", &vector_bits, "512 where the kernels were compiled for AVX-512, else 256 (AVX2)");
   m.def("prepare", &prepare, "the kernels' layout from a packed bitstream");
   m.def("linear", &linear, "x @ W.T for packed n-bit W");
   m.def("decode", &decode, "float32 W from packed n-bit codes");
