@@ -48,7 +48,7 @@ def trained_models(dataset_entry: dict, model_entries: list[dict], limit: int | 
     """(label, LoadedModel, test ImageSet) for each model trained on ``dataset_entry`` (cached after the first run)."""
     dataset = get_registry().get("dataset", dataset_entry["name"])
     options = {k: v for k, v in dataset_entry.items() if k != "name"}
-    from bitsweep.sweep import cache_dir
+    from bitsweep.files import cache_dir
 
     context = LoadContext(dataset=dataset, dataset_options=options, cache_dir=cache_dir())
     test = dataset.load("test", options | ({"limit": limit} if limit else {}))

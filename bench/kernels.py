@@ -29,6 +29,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from int8_models import MODELS as INT8_MODELS
+from int8_models import measure
 from machine import alternate, cpu_summary
 
 import bitsweep
@@ -196,8 +198,6 @@ def memory_table(bits: int = 4) -> list[dict]:
 
 def model_table(threads: int = 1) -> list[dict]:
     """Whole models at batch 1 (``int8_models.py``): fp32 eager, weight-only, pt2e and the int8 path."""
-    from int8_models import MODELS as INT8_MODELS, measure
-
     return measure(list(INT8_MODELS), threads=threads)
 
 

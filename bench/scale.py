@@ -25,7 +25,7 @@ import httpx
 import torch
 import yaml
 
-from bitsweep import sweep as steps  # no Prefect in bitsweep's core: its settings are read later
+from bitsweep.cells import plan_cells  # no Prefect in bitsweep's core: its settings are read later
 from bitsweep.config import load_config
 from checks import report
 
@@ -96,7 +96,7 @@ def run(kind: str) -> tuple[float, int, bool, str]:
     inside = sum(r["seconds"] for r in cells)
 
     sweep = load_config(config).sweeps[0]
-    labels = {cell.label for cell in steps.plan_cells(sweep, "test_efficientnet")}
+    labels = {cell.label for cell in plan_cells(sweep, "test_efficientnet")}
     expected = {f"{step} {label}" for label in labels for step in ("quantize", "evaluate", "compress")}
     task_runs = server_task_runs(state.state_details.flow_run_id)
     cell_runs = [t for t in task_runs if t["name"].partition(" ")[2] in labels]

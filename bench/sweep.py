@@ -16,19 +16,21 @@ import threading
 import time
 from pathlib import Path
 
-from bitsweep.cli import _prefect_environment
+from bitsweep.flows import prefect_environment
 
-_prefect_environment()  # the CLI's offline-safe settings, before Prefect is imported
+prefect_environment()  # the CLI's offline-safe settings, before Prefect is imported
 
 import yaml  # noqa: E402
 
+from bitsweep import analyses  # noqa: E402
 from bitsweep import sweep as steps  # noqa: E402
 from bitsweep.flows.sweep import sweep_flow  # noqa: E402
 from bitsweep.registry import get_registry  # noqa: E402
 from checks import report  # noqa: E402
 
-STEPS = ("prepare_model", "profile_model", "cluster_model", "layer_sensitivity", "quantize_cell", "evaluate_cell",
-         "compress_sizes", "profile_cell")
+MODULES = {"prepare_model": steps, "profile_model": steps, "cluster_model": analyses, "layer_sensitivity": analyses,
+           "quantize_cell": steps, "evaluate_cell": steps, "compress_sizes": steps, "profile_cell": steps}
+STEPS = tuple(MODULES)
 
 
 def instrument():
@@ -50,8 +52,8 @@ def instrument():
 
         setattr(owner, name, timed)
 
-    for name in STEPS:
-        wrap(steps, name, name)
+    for name, module in MODULES.items():
+        wrap(module, name, name)
     for entry in get_registry().entries("model source").values():
         wrap(entry.obj, "load", "source.load")
     return seconds, calls

@@ -1,7 +1,7 @@
 """Automatic partial precision: spend a size budget (e.g. 4 bits per weight on average) where it matters.
 
-Each layer's sensitivity is measured data-free: the SQNR of its output when only its weight
-is quantized, on inputs synthesised to match the model's BatchNorm statistics. The allocator
+Each layer is measured data-free by its output SQNR: the signal-to-noise ratio of its output when
+only its weight is quantized, on inputs synthesised to match the model's BatchNorm statistics. The allocator
 then picks the widths that minimise the summed relative output noise within the budget
 (a knapsack, solved exactly). The result is an ordinary ``Policy(bits={...})`` for ``quantize_model``
 and sweeps.
@@ -10,17 +10,19 @@ and sweeps.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from bitsweep.errors import BitsweepError
-from bitsweep.quantize import Policy, quantizable_layers
-from bitsweep.schemes import MAX_BITS, MIN_BITS, QuantSpec, quantize_tensor
+from bitsweep.evaluate import run_with_hooks
+from bitsweep.policy import Policy, quantizable_layers
+from bitsweep.schemes import MAX_BITS, MIN_BITS, QuantSpec, check_bits, quantize_tensor
 from bitsweep.synthetic import PerModelCache, synthetic_inputs
 
-_TABLES = PerModelCache()  # sensitivity tables on the default inputs
+_TABLES = PerModelCache()  # output SQNR tables on the default inputs
 
 
 @dataclass
@@ -38,7 +40,7 @@ class Allocation:
 
 
 @torch.no_grad()
-def sensitivity(model: nn.Module, scheme: str, widths, granularity: str = "channel",
+def output_sqnr(model: nn.Module, scheme: str, widths, granularity: str = "channel",
                 group_size: int | None = None, names=None, inputs: torch.Tensor | None = None,
                 ) -> dict[str, dict[int, float]]:
     """Layer -> width -> SQNR (dB) of the layer's output with only its weight quantized.
@@ -57,9 +59,13 @@ def sensitivity(model: nn.Module, scheme: str, widths, granularity: str = "chann
     return _measure(model, scheme, widths, granularity, group_size, names, inputs)
 
 
-def _measure(model, scheme, widths, granularity, group_size, names, inputs) -> dict[str, dict[int, float]]:
-    from bitsweep.recipes import run_with_hooks
+def sensitivity(*args, **kwargs) -> dict[str, dict[int, float]]:
+    """Deprecated name of ``output_sqnr`` ("sensitivity" in a sweep is the accuracy lost by one layer)."""
+    warnings.warn("bitsweep.allocate.sensitivity is deprecated; use output_sqnr", DeprecationWarning, stacklevel=2)
+    return output_sqnr(*args, **kwargs)
 
+
+def _measure(model, scheme, widths, granularity, group_size, names, inputs) -> dict[str, dict[int, float]]:
     result, busy = {}, set()
 
     def measure(name, layer, args, output):
@@ -137,12 +143,14 @@ def allocate(model: nn.Module, scheme: str, budget: float = 4.0, widths=(2, 3, 4
     stay fp32 and do not count towards the budget.
     """
     widths = tuple(sorted(set(widths)))
-    if not widths or widths[0] < MIN_BITS or widths[-1] > MAX_BITS:
-        raise BitsweepError(f"widths {widths} must lie in {MIN_BITS}..{MAX_BITS}")
+    if not widths:
+        raise BitsweepError(f"no widths to choose from; give some from {MIN_BITS} to {MAX_BITS}")
+    for width in widths:
+        check_bits(width)
     layers = quantizable_layers(model)
     plan = Policy.parse(policy).plan([name for name, _ in layers], widths[0])
     sizes = {name: layer.weight.numel() for name, layer in layers if name in plan}
-    table = sensitivity(model, scheme, widths, granularity, group_size, names=sizes)
+    table = output_sqnr(model, scheme, widths, granularity, group_size, names=sizes)
     missing = sorted(set(sizes) - set(table))
     if missing:
         raise BitsweepError(f"layers {', '.join(missing)} did not run on the synthetic inputs; "

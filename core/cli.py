@@ -55,20 +55,6 @@ def report(run_dir: Path = typer.Argument(..., help="A sweep's run directory, e.
     console.print(f"{len(written['figures'])} figures; report: {written['markdown']} and {written['html']}")
 
 
-def _prefect_environment() -> None:
-    """Offline-safe Prefect settings (users' own settings win), before Prefect is imported."""
-    import os
-
-    # Console logging is the progress bar and the results table; Prefect's logs still reach its API and UI.
-    defaults = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
-                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-                "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
-                "PREFECT_LOGGING_HANDLERS_CONSOLE_FLOW_RUNS_LEVEL": "CRITICAL",
-                "PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL": "CRITICAL"}
-    for key, value in defaults.items():
-        os.environ.setdefault(key, value)
-
-
 @app.command()
 def run(
     config: Path = typer.Option(Path("flows.yaml"), "--config", "-c", help="The sweeps to run."),
@@ -83,50 +69,31 @@ def run(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from bitsweep.config import load_config
-    from bitsweep.sweep import check_sweeps
+    from bitsweep.flows import prefect_environment
 
-    loaded = load_config(config)
-    sweeps = loaded.sweep(sweep)  # fail on a bad file, model name, dataset or runner before Prefect starts
-    _prefect_environment()
-    from bitsweep.flows import runners
-    from bitsweep.flows import sweep as sweep_flow_module
+    sweeps = load_config(config).sweep(sweep)  # fail on a bad file, model name or dataset before Prefect starts
+    prefect_environment()
+    from bitsweep.flows.sweep import run_sweeps
 
-    chosen = _runner_settings(runners, loaded.runner, runner, address, max_workers)
-    check_sweeps(sweeps, data_here=not chosen.address)
-    if chosen.address:
-        runners.check_scheduler(chosen.address)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as bar:
-        job = bar.add_task("cells", total=None)
-        totals = {}  # sweep -> its cell count, known once it starts
+    bar = Progress(*columns, console=console, transient=False)
+    totals = {}  # sweep -> its cell count, known once it starts
 
-        def advance(row, total):
-            totals[row["sweep"]] = total
-            bar.update(job, total=sum(totals.values()), advance=1,
-                       description=f"{row['model']} {row['scheme']} {row['bits']}b")
-
-        sweep_flow_module.on_row = advance
-        try:
-            sweep_flow_module.sweep_flow(config_path=str(config), sweep_name=sweep, runner=runner, address=address,
-                                         max_workers=max_workers)
-        finally:
-            sweep_flow_module.on_row = None
-            bar.stop()
-            for s in sweeps:
-                _print_results(s)
-
-
-def _runner_settings(runners, base, kind, address, workers):
-    """The runner options over flows.yaml's, or one line saying which option is wrong."""
-    from pydantic import ValidationError
+    def advance(row, total):
+        if not totals:  # the first row: the checks passed and cells are running
+            bar.start()
+            bar.add_task("cells", total=None)
+        totals[row["sweep"]] = total
+        bar.update(bar.task_ids[0], total=sum(totals.values()), advance=1,
+                   description=f"{row['model']} {row['scheme']} {row['bits']}b")
 
     try:
-        return runners.settings(base, kind, address, workers)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        field = error["loc"][0] if error["loc"] else "kind"
-        option = {"kind": "--runner", "address": "--address", "workers": "--max-workers"}[field]
-        raise BitsweepError(f"{option}: {error['msg'].removeprefix('Value error, ')}") from None
+        run_sweeps(config, sweep, runner, address, max_workers, on_row=advance)
+    finally:
+        bar.stop()
+        if totals:
+            for s in sweeps:
+                _print_results(s)
 
 
 def _prefect_command() -> str:
@@ -144,9 +111,10 @@ def deploy(
 ):
     """Register flows.yaml's deployments (cron schedules) with the Prefect server at PREFECT_API_URL."""
     from bitsweep.config import load_config
+    from bitsweep.flows import prefect_environment
 
     load_config(config)  # a bad file or cron fails here, before Prefect starts
-    _prefect_environment()
+    prefect_environment()
     from bitsweep.flows.deploy import deploy as register
 
     names = register(config, pool)
@@ -164,7 +132,9 @@ def server(
     """Start a local Prefect server with telemetry off: the UI, and the API deployments and workers use."""
     import os
 
-    _prefect_environment()
+    from bitsweep.flows import prefect_environment
+
+    prefect_environment()
     url = f"http://{host}:{port}"
     console.print(f"Prefect UI: {url}\nin other shells: export PREFECT_API_URL={url}/api")
     sys.stdout.flush()
@@ -205,9 +175,8 @@ def quantize(
     pretrained: bool = typer.Option(False, help="Load timm's pretrained weights (needs them in the HF cache)."),
 ):
     """Quantize one timm model and print each layer's width and signal-to-quantization-noise ratio."""
-    import torch
-
     from bitsweep.models import ModelSpec
+    from bitsweep.profile import sqnr_db
     from bitsweep.quantize import Policy, quantizable_layers, quantize_model
     from bitsweep.registry import get_registry
     from bitsweep.schemes import QuantSpec
@@ -223,10 +192,8 @@ def quantize(
         if qt is None:
             table.add_row(name, str(tuple(layer.weight.shape)), "fp32", "")
             continue
-        w = layer.weight.detach()
-        noise = (w - qt.dequantize()).pow(2).sum()
-        sqnr = 10 * torch.log10(w.pow(2).sum() / noise).item() if noise > 0 else float("inf")
-        table.add_row(name, str(tuple(w.shape)), str(qt.bits), f"{sqnr:.1f}")
+        sqnr = sqnr_db(layer.weight, qt.dequantize())
+        table.add_row(name, str(tuple(layer.weight.shape)), str(qt.bits), "inf" if sqnr is None else f"{sqnr:.1f}")
     console.print(table)
     console.print(f"{len(quantized.quantized_layers)} of {len(quantizable_layers(fp32))} Conv/Linear layers "
                   f"quantized with {scheme} {bits}-bit per {granularity}")

@@ -16,15 +16,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import warnings
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from bitsweep.errors import BitsweepError
+from bitsweep.int8 import to_int8
 from bitsweep.kernels import KernelWeight
-from bitsweep.pack import PackedTensor, pack_bits
+from bitsweep.pack import PackedTensor, pack_bits, packed_model
 from bitsweep.registry import get_registry
+from bitsweep.schemes import scales_by_row
 
 KERNEL_PATHS = ("weight-only", "int8")
 
@@ -47,10 +50,8 @@ def kernel_weight(packed: PackedTensor) -> KernelWeight:
         lut = codec.decode(codes.clamp(max=packed.qmax), one, zero, packed.bits)
     lut = lut.reshape(-1).to(torch.float32)
     group = packed.group_size if packed.granularity == "group" else k
-    scale = packed.scale.to(torch.float32).reshape(-1, 1).expand(n, -1) if packed.granularity == "tensor" \
-        else packed.scale.to(torch.float32).reshape(n, -1)
-    zero = packed.zero_point.to(torch.float32).reshape(-1, 1).expand(n, -1) if packed.granularity == "tensor" \
-        else packed.zero_point.to(torch.float32).reshape(n, -1)
+    scale = scales_by_row(packed.scale, packed.granularity, n)
+    zero = scales_by_row(packed.zero_point, packed.granularity, n)
     weight = KernelWeight.build(packed.data, n, k, packed.bits, lut, scale.contiguous(), zero.contiguous(), group)
     if not torch.equal(weight.decode(), packed.dequantize().to(torch.float32).reshape(n, k)):
         raise BitsweepError(f"scheme {packed.scheme!r} does not decode as scale * (level - zero_point), which the "
@@ -173,8 +174,6 @@ def compile_layers(model: nn.Module, layers: dict[str, PackedTensor], kernel: st
     if kernel not in KERNEL_PATHS:
         raise BitsweepError(f"unknown kernel path {kernel!r}; use one of: {', '.join(KERNEL_PATHS)}")
     if kernel == "int8":
-        from bitsweep.int8 import to_int8
-
         with torch.no_grad():
             for name, packed in layers.items():
                 model.get_submodule(name).weight.copy_(packed.dequantize())
@@ -184,7 +183,7 @@ def compile_layers(model: nn.Module, layers: dict[str, PackedTensor], kernel: st
             layer = model.get_submodule(name)
             if isinstance(layer, nn.Linear):
                 _swap(model, name, PackedLinear(packed, layer.bias))
-            elif isinstance(layer, nn.modules.conv._ConvNd):
+            elif isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 _swap(model, name, PackedConv(packed, layer))
             else:
                 raise BitsweepError(f"layer {name!r} is a {type(layer).__name__}; packed kernels run Linear and Conv layers")
@@ -194,12 +193,26 @@ def compile_layers(model: nn.Module, layers: dict[str, PackedTensor], kernel: st
     return result.eval()
 
 
-def compile_packed(quantized: nn.Module, path: str = "weight-only",
-                   calibration: list[torch.Tensor] | None = None) -> nn.Module:
-    """A runnable copy of ``quantize_model``'s output on the kernel path ``path`` (``weight-only`` or ``int8``)."""
+def compile_packed(quantized: nn.Module, kernel: str = "weight-only",
+                   calibration: list[torch.Tensor] | None = None, *, path: str | None = None) -> nn.Module:
+    """A runnable copy of ``quantize_model``'s output on the kernel path ``kernel`` (``weight-only`` or ``int8``),
+    the same word ``load_packed`` and flows.yaml's ``kernels:`` use. ``path=`` is its old, deprecated name."""
+    if path is not None:
+        warnings.warn("compile_packed(path=...) is deprecated: the kernel path is now kernel=...",
+                      DeprecationWarning, stacklevel=2)
+        kernel = path
     records = getattr(quantized, "quantized_layers", None)
     if records is None:
         raise BitsweepError("compile_packed needs a model from bitsweep.quantize_model (it has no quantized_layers)")
     model = copy.deepcopy(quantized)
     layers = {name: t if isinstance(t, PackedTensor) else PackedTensor.from_quantized(t) for name, t in records.items()}
-    return compile_layers(model, layers, path, calibration)
+    return compile_layers(model, layers, kernel, calibration)
+
+
+def load_packed(path, kernel: str = "weight-only", calibration: list[torch.Tensor] | None = None) -> nn.Module:
+    """The model a packed file holds: timm's architecture with packed modules for the quantized layers.
+
+    ``kernel`` and ``calibration`` (input batches, int8 path only) go to ``compile_layers``.
+    """
+    model, layers = packed_model(path)
+    return compile_layers(model, layers, kernel, calibration)

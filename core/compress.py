@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 from bitsweep.files import atomic_path
+from bitsweep.registry import get_registry
 
 
 class Compressor(ABC):
@@ -22,8 +23,6 @@ class Compressor(ABC):
 
 def compress_file(src: Path, compressor: str, out_dir: Path | None = None) -> Path:
     """Compress ``src`` with a registered compressor, atomically; returns the archive's path."""
-    from bitsweep.registry import get_registry
-
     codec = get_registry().get("compressor", compressor)
     src = Path(src)
     dst = Path(out_dir or src.parent) / (src.name + codec.suffix)

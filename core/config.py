@@ -11,7 +11,8 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from bitsweep.errors import BitsweepError, first_line
 from bitsweep.models import ModelSpec
-from bitsweep.quantize import Policy
+from bitsweep.policy import Policy
+from bitsweep.registry import get_registry
 from bitsweep.schemes import GRANULARITIES, MAX_BITS, MIN_BITS
 
 DEFAULT_CONFIG = Path("flows.yaml")
@@ -37,8 +38,6 @@ def _policy_entry(value):
 
 
 def _check_registered(kind: str, name: str) -> str:
-    from bitsweep.registry import get_registry
-
     problem = get_registry().missing(kind, name)  # names a failed plugin that may provide it
     if problem:
         raise ValueError(problem)

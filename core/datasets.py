@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+
+from bitsweep.models import tensor_digest
 
 SPLITS = ("train", "test")
 
@@ -48,11 +49,7 @@ class Dataset(ABC):
 
 def content_hash(data: ImageSet) -> str:
     """A short sha256 of the tensors' bytes, so caches key on content rather than on a path."""
-    digest = hashlib.sha256()
     tensors = [data.images] + ([data.labels] if data.labels is not None else [])
-    for tensor in tensors:
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest = tensor_digest(("", tensor) for tensor in tensors)
     digest.update("\n".join(data.class_names).encode())
     return digest.hexdigest()[:16]

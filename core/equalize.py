@@ -9,7 +9,10 @@ comes from a torch.fx trace; a model that does not trace is left as it is.
 from __future__ import annotations
 
 import torch
+from timm.layers import get_notrace_functions, get_notrace_modules
 from torch import fx, nn
+
+from bitsweep.synthetic import is_batchnorm
 
 # A ReLU6 channel counts as never clipping when its pre-activation mean + this many stds stays below 6:
 # real activations are heavy-tailed (on EfficientNet-Lite0 photos even 8 stds changed 3 % of decisions).
@@ -20,8 +23,6 @@ _SCALE_LIMIT = 1e3
 
 def _trace(model: nn.Module) -> fx.Graph | None:
     """The model's dataflow with timm's composite layers (BatchNormAct2d, Conv2dSame...) as leaves."""
-    from timm.layers._fx import get_notrace_functions, get_notrace_modules
-
     leaves = tuple(get_notrace_modules())
 
     class Tracer(fx.Tracer):
@@ -43,10 +44,6 @@ def _module(model: nn.Module, node) -> nn.Module | None:
     return None
 
 
-def _is_norm(m) -> bool:
-    return isinstance(m, nn.BatchNorm2d) and m.running_var is not None
-
-
 @torch.no_grad()
 def fold_batchnorm(model: nn.Module) -> dict[str, torch.Tensor]:
     """Fold every BatchNorm2d that alone reads a Conv2d's output into that conv's weight, in place.
@@ -61,7 +58,7 @@ def fold_batchnorm(model: nn.Module) -> dict[str, torch.Tensor]:
         return bounds
     for node in graph.nodes:
         norm, conv = _module(model, node), _module(model, node.args[0] if node.args else None)
-        if not (_is_norm(norm) and norm.affine and isinstance(conv, nn.Conv2d) and len(node.args[0].users) == 1):
+        if not (is_batchnorm(norm) and norm.affine and isinstance(conv, nn.Conv2d) and len(node.args[0].users) == 1):
             continue  # a non-affine norm has no bias to hold the shift
         std = torch.sqrt(norm.running_var + norm.eps)
         gamma, beta = norm.weight.clone(), norm.bias.clone()
@@ -116,7 +113,7 @@ def _pairs(model: nn.Module, graph: fx.Graph, bounds: dict) -> list[tuple[str, s
             continue
         kinds, norm = [], None  # activation kinds in forward order, with "norm" where the norm sits
         for name, m in reversed(chain):
-            if _is_norm(m):
+            if is_batchnorm(m):
                 norm = name if norm is None and name in bounds else "?"
                 kinds += ["norm", _positive_homogeneous(getattr(m, "act", nn.Identity()))]
             else:

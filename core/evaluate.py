@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -52,3 +53,13 @@ def fidelity(logits: torch.Tensor, reference: torch.Tensor) -> dict:
     log_q = torch.log_softmax(logits.double(), dim=1)
     kl = (log_p.exp() * (log_p - log_q)).sum(1).mean().item()
     return {"agreement": agreement, "kl": max(kl, 0.0)}
+
+
+def run_with_hooks(model: nn.Module, inputs: torch.Tensor, names, hook) -> None:
+    """One eval-mode pass of ``model`` with ``hook(name, module, args, output)`` on the named modules."""
+    handles = [m.register_forward_hook(functools.partial(hook, n)) for n, m in model.named_modules() if n in names]
+    try:
+        model.eval()(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()

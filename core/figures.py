@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from bitsweep.cells import variant_words
 from bitsweep.files import atomic_path
 from bitsweep.profile import WHOLE_MODEL
 
@@ -21,16 +22,8 @@ def metric_of(rows: list[dict]) -> str:
 
 def series_label(row: dict) -> str:
     """A cell's line name: its scheme, plus whatever else distinguishes it in this sweep."""
-    parts = [row["scheme"]]
-    if row.get("granularity") not in (None, "", "channel"):
-        parts.append(row["granularity"] + (str(row["group_size"]) if row.get("group_size") else ""))
-    if row.get("policy") not in (None, "", "full"):
-        parts.append(row["policy"])
-    if row.get("recipe") not in (None, "", "none"):
-        parts.append(row["recipe"])
-    if row.get("kernel") not in (None, "", "weight-only", "fp32"):
-        parts.append(row["kernel"])
-    return " ".join(parts)
+    return " ".join([row["scheme"], *variant_words(row.get("granularity"), row.get("group_size"), row.get("policy"),
+                                                   row.get("recipe"), row.get("kernel"))])
 
 
 def _by_model(rows: list[dict]) -> dict[str, list[dict]]:
@@ -94,7 +87,7 @@ def box_data(profile: list[dict], model: str, bits: int, layers: list[str]) -> d
     return {"bits": bits, "layers": boxes}
 
 
-def sensitivity_data(profile: list[dict], model: str, scheme: str) -> dict:
+def weight_sqnr_data(profile: list[dict], model: str, scheme: str) -> dict:
     """Layer × bits → SQNR (dB) of ``scheme`` with every layer quantized; None where not quantized."""
     rows = [r for r in profile if r["model"] == model and r["scheme"] == scheme and r.get("policy") == "full"
             and r["layer"] != WHOLE_MODEL]

@@ -1,15 +1,19 @@
 """Safe files: atomic writes (a reader sees the old file or the whole new one, never a part), one
-clear error when the disk is full or read-only, and a lock that gives a run directory to one sweep."""
+clear error when the disk is full or read-only, a lock that gives a run directory to one sweep, and
+the one cache folder."""
 
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import re
 import socket
 import tempfile
 import time
 from pathlib import Path
+
+import platformdirs
 
 from bitsweep.errors import BitsweepError
 
@@ -61,6 +65,17 @@ def atomic_path(dst: Path):
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def write_json(path: Path, data) -> None:
+    """``data`` as indented JSON at ``path``, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
+
+
+def cache_dir() -> Path:
+    """What is kept across runs (trained models, built kernels): $BITSWEEP_CACHE or the user cache folder."""
+    return Path(os.environ.get("BITSWEEP_CACHE") or platformdirs.user_cache_dir("bitsweep"))
 
 
 @contextlib.contextmanager

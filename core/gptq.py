@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitsweep.schemes import QuantizedTensor
+from bitsweep.evaluate import run_with_hooks
+from bitsweep.schemes import QuantizedTensor, scales_by_row
 
 DAMPING = 0.01  # of the mean diagonal, added to every input second moment: few synthetic images leave it singular
 BLOCK = 128  # columns rounded before the rest of the matrix is updated at once
@@ -44,8 +45,6 @@ def _columns(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def input_moments(model: nn.Module, inputs: torch.Tensor, names) -> dict[str, torch.Tensor]:
     """Each named Linear/Conv2d's input second moment ``E[x xᵀ]`` per group, ``[groups, n, n]``, over
     one eval pass of ``model`` on ``inputs``."""
-    from bitsweep.recipes import run_with_hooks
-
     moments = {}
 
     def accumulate(name, layer, args, output):
@@ -61,13 +60,11 @@ def input_moments(model: nn.Module, inputs: torch.Tensor, names) -> dict[str, to
 
 def _grid(start: QuantizedTensor, rows: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point of every weight of the ``[rows, n]`` weight matrix, as ``start`` set them."""
-    scale, zero = start.scale.float(), start.zero_point.float()
-    if start.granularity == "tensor":
-        return scale.reshape(1, 1).expand(rows, n), zero.reshape(1, 1).expand(rows, n)
-    if start.granularity == "channel":
-        return scale.reshape(rows, 1).expand(rows, n), zero.reshape(rows, 1).expand(rows, n)
+    scale, zero = (scales_by_row(t, start.granularity, rows) for t in (start.scale, start.zero_point))
+    if start.granularity != "group":
+        return scale.expand(rows, n), zero.expand(rows, n)
     group = torch.arange(n) // start.group_size
-    return scale.reshape(rows, -1)[:, group], zero.reshape(rows, -1)[:, group]
+    return scale[:, group], zero[:, group]
 
 
 def _inverse_factor(moment: torch.Tensor) -> torch.Tensor:

@@ -31,9 +31,10 @@ from torch import nn
 
 from bitsweep.errors import BitsweepError, first_line
 from bitsweep.kernels import cpu_flags
-from bitsweep.quantize import QUANTIZABLE, quantizable_layers
+from bitsweep.policy import QUANTIZABLE, quantizable_layers
 from bitsweep.schemes import AffineScheme, QuantizedTensor
 from bitsweep.synthetic import input_size as model_input_size, synthesize
+from bitsweep.tracing import TRACING
 
 _WEIGHT_OPS = ("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.linear.default")
 _NORM_OPS = ("aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default")
@@ -90,60 +91,6 @@ def weight_limit() -> int:
     VNNI (int32 accumulation), else 64 (u8 x s8 pairs summed in int16: 2 * 255 * 64 fits, 65 may not)."""
     return 127 if cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"} else 64
 
-
-class SharedLock:
-    """Many holders of ``shared()`` at once, or one of ``exclusive()``.
-
-    ``torch.export`` and inductor's compilation trace with ``torch.fx``, which patches
-    ``nn.Module.__call__`` for the whole process while it runs, so a model built or run in another
-    thread would be traced into the graph (or fail). ``to_int8`` holds ``TRACING.exclusive()``;
-    threads that build or run models while it may run (the sweep's steps) hold ``TRACING.shared()``.
-    A waiting ``exclusive()`` goes first, and the thread holding it may take either again.
-    """
-
-    def __init__(self):
-        self._condition = threading.Condition()
-        self._shared = 0
-        self._owner: int | None = None  # the thread holding exclusive()
-        self._depth = 0
-        self._queued = 0  # threads waiting for exclusive()
-
-    @contextlib.contextmanager
-    def shared(self):
-        if self._owner == threading.get_ident():
-            yield
-            return
-        with self._condition:
-            self._condition.wait_for(lambda: self._owner is None and not self._queued)
-            self._shared += 1
-        try:
-            yield
-        finally:
-            with self._condition:
-                self._shared -= 1
-                self._condition.notify_all()
-
-    @contextlib.contextmanager
-    def exclusive(self):
-        me = threading.get_ident()
-        with self._condition:
-            if self._owner != me:
-                self._queued += 1
-                self._condition.wait_for(lambda: self._owner is None and not self._shared)
-                self._queued -= 1
-                self._owner = me
-            self._depth += 1
-        try:
-            yield
-        finally:
-            with self._condition:
-                self._depth -= 1
-                if not self._depth:
-                    self._owner = None
-                    self._condition.notify_all()
-
-
-TRACING = SharedLock()
 
 _FREEZING_LOCK = threading.Lock()
 _freezing_users = 0
@@ -203,9 +150,13 @@ class Int8Module(nn.Module):
         except Exception as exc:
             if type(exc).__name__ not in ("InductorError", "BackendCompilerFailed", "InvalidCxxCompiler"):
                 raise
-            raise BitsweepError(f"inductor cannot compile the int8 model ({type(exc).__name__}: "
-                                f"{first_line(exc)[:200]}); install a C++ compiler (apt-get install g++) "
-                                f"or {_FIX}") from None
+            cause = exc
+            while getattr(cause, "inner_exception", None) is not None:  # dynamo's wrappers of the real error
+                cause = cause.inner_exception
+            no_compiler = type(cause).__name__ in ("InvalidCxxCompiler", "CppCompileError")
+            fix = "install a C++ compiler (apt-get install g++) or " if no_compiler else ""
+            raise BitsweepError(f"inductor cannot compile the int8 model ({type(cause).__name__}: "
+                                f"{first_line(cause)[:300]}); {fix}{_FIX}") from exc
 
 
 def _pt2e():

@@ -21,7 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bitsweep import __version__
 from bitsweep.errors import first_line
+from bitsweep.files import cache_dir
+from bitsweep.pack import unpack_bits
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
 
@@ -46,18 +49,15 @@ def cpu_flags() -> frozenset[str]:
 
 def _machine() -> str:
     """What the compiled code depends on: CPU features, platform, torch, bitsweep and the source."""
-    from bitsweep import __version__
-
     parts = [" ".join(sorted(cpu_flags())), platform.machine(), platform.python_version(), torch.__version__, __version__,
              SOURCE.read_bytes().hex()]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def kernels_dir() -> Path:
-    """Where builds are cached: $BITSWEEP_KERNELS_DIR or the user cache folder (they depend on the machine only)."""
-    import platformdirs
-
-    return Path(os.environ.get("BITSWEEP_KERNELS_DIR") or Path(platformdirs.user_cache_dir("bitsweep")) / "kernels")
+    """Where builds are cached: $BITSWEEP_KERNELS_DIR, else ``kernels/`` in the cache folder (they depend on
+    the machine only)."""
+    return Path(os.environ.get("BITSWEEP_KERNELS_DIR") or cache_dir() / "kernels")
 
 
 @functools.cache
@@ -109,8 +109,6 @@ class KernelWeight:
     @classmethod
     def build(cls, data: torch.Tensor, n: int, k: int, bits: int, lut: torch.Tensor, scale: torch.Tensor,
               zero: torch.Tensor, group: int) -> KernelWeight:
-        from bitsweep.pack import unpack_bits
-
         ext = extension()
         linear_lut = bool(torch.equal(lut, torch.arange(2**bits, dtype=torch.float32) + lut[0]))
         if ext is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,11 +68,16 @@ class ModelSource(ABC):
         """Return the model; raise ``BitsweepError`` saying how to supply missing weights."""
 
 
+def tensor_digest(named_tensors: Iterable[tuple[str, torch.Tensor]]):
+    """A sha256 (still open for more) of each tensor's name, dtype, shape and bytes, in order."""
+    digest = hashlib.sha256()
+    for name, tensor in named_tensors:
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest
+
+
 def weights_hash(module: nn.Module) -> str:
     """sha256 of every tensor in the state dict, in order: the model's identity for caching."""
-    digest = hashlib.sha256()
-    for key, tensor in module.state_dict().items():
-        tensor = tensor.detach().contiguous()
-        digest.update(f"{key}{tensor.dtype}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return tensor_digest(module.state_dict().items()).hexdigest()[:16]

@@ -21,10 +21,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from bitsweep import __version__
 from bitsweep.errors import BitsweepError, first_line
 from bitsweep.files import atomic_path
 from bitsweep.registry import get_registry
-from bitsweep.schemes import MAX_BITS, MIN_BITS, QuantizedTensor, QuantSpec, _code_dtype, _scale_shape
+from bitsweep.schemes import QuantizedTensor, QuantSpec, check_bits, code_dtype, scale_shape
 
 FORMAT = "bitsweep-packed/1"
 # create_model arguments that fetch or read weights: a file names an architecture, never a download.
@@ -66,18 +67,13 @@ def _split(word: torch.Tensor, pieces: int, shift: int) -> torch.Tensor:
     return out
 
 
-def _check_bits(bits: int) -> None:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-        raise BitsweepError(f"bits must be a whole number from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
-
-
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 values below ``2**bits`` (any shape, row-major) -> exactly ``ceil(bits*numel/8)`` bytes.
 
     Value i occupies bits ``[i*bits, (i+1)*bits)`` of one little-endian stream whose bit j is
     bit ``j % 8`` of byte ``j // 8``: the layout the C++ kernels read.
     """
-    _check_bits(bits)
+    check_bits(bits)
     if values.dtype != torch.uint8:
         raise BitsweepError(f"pack_bits needs uint8 values, got {values.dtype}")
     flat = values.detach().reshape(-1).cpu()
@@ -93,7 +89,7 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits(data: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """The ``count`` values ``pack_bits`` stored in ``data``, as uint8 1-D."""
-    _check_bits(bits)
+    check_bits(bits)
     need = -(-bits * count // 8)
     if data.dtype != torch.uint8 or data.dim() != 1 or data.numel() != need:
         raise BitsweepError(f"{count} values of {bits} bits need {need} bytes of uint8, "
@@ -142,7 +138,7 @@ class PackedTensor:
         if self.scheme not in entries:
             raise BitsweepError(f"scheme {self.scheme!r} is not registered; install the plugin that provides it "
                                 f"(available: {', '.join(sorted(entries)) or 'none'})")
-        return QuantizedTensor(codes=self.codes().to(_code_dtype(self.qmin, self.qmax)), scale=self.scale,
+        return QuantizedTensor(codes=self.codes().to(code_dtype(self.qmin, self.qmax)), scale=self.scale,
                                zero_point=self.zero_point, qmin=self.qmin, qmax=self.qmax, bits=self.bits,
                                scheme=self.scheme, granularity=self.granularity, group_size=self.group_size,
                                dtype=self.dtype, codec=entries[self.scheme].obj)
@@ -253,8 +249,6 @@ def save_packed(module: nn.Module, path, arch: str | None = None, arch_kwargs: d
                                "group_size": p.group_size, "qmin": p.qmin, "qmax": p.qmax,
                                "shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch."),
                                "module": types[name]}
-    from bitsweep import __version__
-
     header = {"format": FORMAT, "bitsweep": __version__, "arch": arch, "arch_kwargs": arch_kwargs,
               "layers": header_layers, "sha256": {key: _sha256(t) for key, t in tensors.items()}}
     try:
@@ -267,11 +261,10 @@ def save_packed(module: nn.Module, path, arch: str | None = None, arch_kwargs: d
     return path
 
 
-def load_packed(path, kernel: str = "weight-only", calibration: list[torch.Tensor] | None = None) -> nn.Module:
-    """The model a packed file holds: timm's architecture with packed modules for the quantized layers.
-
-    ``kernel`` and ``calibration`` (input batches, int8 path only) go to ``compile_layers``.
-    """
+def packed_model(path) -> tuple[nn.Module, dict[str, PackedTensor]]:
+    """The model a packed file holds, checked against timm's architecture: the model with its float
+    tensors loaded (the quantized layers' weights are left as built), and the packed layers in module order.
+    ``bitsweep.load_packed`` puts packed modules in their place."""
     path = Path(path)
     layers, tensors, header = read_packed(path)
     types, problem = _match_arch(header.arch, header.arch_kwargs, {n: p.shape for n, p in layers.items()},
@@ -282,13 +275,11 @@ def load_packed(path, kernel: str = "weight-only", calibration: list[torch.Tenso
     if problem:
         raise BitsweepError(f"{path}: architecture mismatch: {problem}; the file was written for another "
                             "model or timm version; rebuild it with save_packed")
-    import timm
-    from bitsweep.compile import compile_layers
+    import timm  # as in _match_arch
 
     model = timm.create_model(header.arch, pretrained=False, **header.arch_kwargs)
     model.load_state_dict(tensors, strict=False)  # the quantized weights are missing: packed modules replace them
-    layers = {name: layers[name] for name, _ in model.named_modules() if name in layers}  # quantize_model's order
-    return compile_layers(model, layers, kernel, calibration)
+    return model, {name: layers[name] for name, _ in model.named_modules() if name in layers}  # quantize_model's order
 
 
 def read_packed(path) -> tuple[dict[str, PackedTensor], dict[str, torch.Tensor], _Header]:
@@ -368,11 +359,11 @@ def _layer_problem(handle, name: str, info: _Layer) -> str | None:
     if problem:
         return f"{problem}; {fix}"
     try:
-        scale_shape = _scale_shape(torch.empty(info.shape, device="meta"), spec)
+        scales_shape = scale_shape(torch.empty(info.shape, device="meta"), spec)
     except (RuntimeError, TypeError, ValueError):  # dimensions whose strides overflow int64
         return f"shape {info.shape} is not a valid tensor shape; {fix}"
     for suffix, dtype_name in zip(_SUFFIXES[1:], ("F32", "I32")):
-        problem = _tensor_problem(handle, name + suffix, dtype_name, scale_shape)
+        problem = _tensor_problem(handle, name + suffix, dtype_name, scales_shape)
         if problem:
             return f"{problem}; {fix}"
     return None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 from abc import ABC, abstractmethod
 
 import torch
@@ -21,8 +20,10 @@ from torch import nn
 
 from bitsweep.equalize import equalize, fold_batchnorm
 from bitsweep.errors import BitsweepError
+from bitsweep.evaluate import run_with_hooks
 from bitsweep.gptq import error_feedback, input_moments
-from bitsweep.quantize import Policy, quantizable_layers, quantize_layers
+from bitsweep.policy import Policy, quantizable_layers
+from bitsweep.quantize import quantize_layers
 from bitsweep.schemes import (SMALLEST_SCALE, QuantizedTensor, QuantSpec, as_column, grouped_rows, quantize_tensor,
                               ungrouped)
 from bitsweep.synthetic import batchnorms, synthetic_inputs
@@ -140,16 +141,6 @@ class _Shifts:
     def close(self):
         for hook in self._hooks:
             hook.remove()
-
-
-def run_with_hooks(model: nn.Module, inputs: torch.Tensor, names, hook) -> None:
-    """One eval-mode pass of ``model`` with ``hook(name, module, args, output)`` on the named modules."""
-    handles = [m.register_forward_hook(functools.partial(hook, n)) for n, m in model.named_modules() if n in names]
-    try:
-        model.eval()(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @torch.no_grad()

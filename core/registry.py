@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pluggy
 
-from bitsweep import hookspecs
+from bitsweep import __version__, hookspecs
 from bitsweep.errors import BitsweepError, first_line
 
 ENTRY_POINT_GROUP = "bitsweep"
@@ -132,12 +132,6 @@ def _warn(message: str) -> None:
     warnings.warn(message, PluginWarning, stacklevel=3)
 
 
-def _version() -> str:
-    from bitsweep import __version__
-
-    return __version__
-
-
 def build_registry() -> Registry:
     """A fresh registry: built-ins, then each installed entry point (failures become warnings)."""
     manager = pluggy.PluginManager("bitsweep")
@@ -147,7 +141,7 @@ def build_registry() -> Registry:
     for module_name in BUILTIN_PLUGINS:
         plugin = "builtin:" + module_name.rsplit(".", 1)[1]
         manager.register(importlib.import_module(module_name), name=plugin)
-        providers[plugin] = Provider(plugin, "bitsweep", _version())
+        providers[plugin] = Provider(plugin, "bitsweep", __version__)
     for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         dist = entry_point.dist
         provider = Provider(entry_point.name, dist.name if dist else "unknown",

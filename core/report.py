@@ -219,11 +219,11 @@ def build(run: dict, folder: Path) -> list:
                 blocks.append(Image(figures.draw_boxes(data, model, folder / f"{model}-boxes.png"),
                                     f"Quartiles of chosen layers' weights, fp32 and {bits}-bit schemes."))
                 schemes = list(dict.fromkeys(r["scheme"] for r in mine_profile if r["scheme"] != "fp32"))
-                panels = {s: figures.sensitivity_data(profile, model, s) for s in schemes}
+                panels = {s: figures.weight_sqnr_data(profile, model, s) for s in schemes}
                 panels = {s: p for s, p in panels.items() if p["layers"]}
                 if panels:
-                    path = folder / f"{model}-sensitivity.png"
-                    title = f"{model}: per-layer sensitivity (SQNR of each layer's weights)"
+                    path = folder / f"{model}-weight-sqnr.png"
+                    title = f"{model}: per-layer weight SQNR"
                     blocks.append(Image(figures.draw_heatmaps(panels, title, "SQNR dB", path),
                                         "SQNR of each layer's quantized weights at each width (higher is safer)."))
         if model in run["sensitivity"]:

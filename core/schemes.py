@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bitsweep.errors import BitsweepError
+from bitsweep.registry import get_registry
 
 GRANULARITIES = ("tensor", "channel", "group")
 MIN_BITS, MAX_BITS = 2, 8
@@ -64,6 +65,15 @@ class AffineScheme(Scheme):
         return codes.to(torch.float32).sub_(zero_point).mul_(scale)
 
 
+def check_bits(bits) -> int:
+    """``bits`` when it is a width bitsweep packs (a whole number from MIN_BITS to MAX_BITS), else one line."""
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise BitsweepError(f"bits must be a whole number from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise BitsweepError(f"bits={bits} is outside {MIN_BITS}..{MAX_BITS}; pick a width from {MIN_BITS} to {MAX_BITS}")
+    return bits
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """What to quantize to: scheme name, width and granularity (validated on creation)."""
@@ -74,10 +84,7 @@ class QuantSpec:
     group_size: int | None = None
 
     def __post_init__(self):
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
-            raise BitsweepError(f"bits must be a whole number from {MIN_BITS} to {MAX_BITS}, got {self.bits!r}")
-        if not MIN_BITS <= self.bits <= MAX_BITS:
-            raise BitsweepError(f"bits={self.bits} is outside {MIN_BITS}..{MAX_BITS}; pick a width from {MIN_BITS} to {MAX_BITS}")
+        check_bits(self.bits)
         if self.granularity not in GRANULARITIES:
             raise BitsweepError(
                 f"unknown granularity {self.granularity!r}; use one of: {', '.join(GRANULARITIES)}"
@@ -116,6 +123,13 @@ class QuantizedTensor:
         return ungrouped(values, self.codes.shape, pad).to(self.dtype)
 
 
+def scales_by_row(t: torch.Tensor, granularity: str, rows: int) -> torch.Tensor:
+    """Scales or zero points of a ``[rows, ...]`` weight as float32 ``[rows, groups]`` (one group per row for
+    per-tensor and per-channel)."""
+    t = t.to(torch.float32)
+    return t.reshape(1, 1).expand(rows, 1) if granularity == "tensor" else t.reshape(rows, -1)
+
+
 def as_column(t: torch.Tensor) -> torch.Tensor:
     """Scales or zero points as a float32 ``[rows, 1]`` column, one per row of ``grouped_rows``."""
     return t.reshape(-1, 1).to(torch.float32)
@@ -145,7 +159,8 @@ def ungrouped(rows: torch.Tensor, shape: torch.Size, pad: int) -> torch.Tensor:
     return rows.reshape(shape)
 
 
-def _scale_shape(w: torch.Tensor, spec: QuantSpec) -> tuple[int, ...]:
+def scale_shape(w: torch.Tensor, spec: QuantSpec) -> tuple[int, ...]:
+    """The shape of ``w``'s scales (and zero points) under ``spec``'s granularity."""
     if spec.granularity == "tensor":
         return (1,)
     channels = w.shape[0] if w.dim() else 1
@@ -155,7 +170,8 @@ def _scale_shape(w: torch.Tensor, spec: QuantSpec) -> tuple[int, ...]:
     return (channels, math.ceil(per_channel / spec.group_size))
 
 
-def _code_dtype(qmin: int, qmax: int) -> torch.dtype:
+def code_dtype(qmin: int, qmax: int) -> torch.dtype:
+    """The narrowest integer dtype that holds codes ``qmin..qmax``."""
     for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
         info = torch.iinfo(dtype)
         if info.min <= qmin and qmax <= info.max:
@@ -166,8 +182,6 @@ def _code_dtype(qmin: int, qmax: int) -> torch.dtype:
 def quantize_tensor(w: torch.Tensor, scheme: str, bits: int, granularity: str = "channel",
                     group_size: int | None = None) -> QuantizedTensor:
     """Quantize ``w`` with a registered scheme; see ``QuantizedTensor`` for what comes back."""
-    from bitsweep.registry import get_registry
-
     spec = QuantSpec(scheme, bits, granularity, group_size)
     codec = get_registry().get("scheme", scheme)
     qmin, qmax = codec.code_range(bits)
@@ -181,20 +195,20 @@ def quantize_tensor(w: torch.Tensor, scheme: str, bits: int, granularity: str = 
         raise BitsweepError(f"weights contain {bad} NaN/Inf value(s); repair them, or keep this layer "
                             "out of quantization with a policy exclude")
 
-    scale_shape = _scale_shape(w32, spec)
-    code_dtype = _code_dtype(qmin, qmax)
+    scales_shape = scale_shape(w32, spec)
+    codes_dtype = code_dtype(qmin, qmax)
     if w32.numel() == 0:
-        scale = torch.ones(scale_shape, dtype=torch.float32)
-        zero_point = torch.zeros(scale_shape, dtype=torch.int32)
-        codes = torch.empty(w32.shape, dtype=code_dtype)
+        scale = torch.ones(scales_shape, dtype=torch.float32)
+        zero_point = torch.zeros(scales_shape, dtype=torch.int32)
+        codes = torch.empty(w32.shape, dtype=codes_dtype)
     else:
         rows, pad = grouped_rows(w32, granularity, group_size)
         scale, zero_point = codec.fit(rows, bits)
         scale = scale.to(torch.float32).clamp_min(SMALLEST_SCALE)
         zero_point = zero_point.to(torch.int32)
         coded = codec.encode(rows, as_column(scale), as_column(zero_point), bits)
-        codes = ungrouped(coded, w32.shape, pad).to(code_dtype)
-        scale, zero_point = scale.reshape(scale_shape), zero_point.reshape(scale_shape)
+        codes = ungrouped(coded, w32.shape, pad).to(codes_dtype)
+        scale, zero_point = scale.reshape(scales_shape), zero_point.reshape(scales_shape)
     return QuantizedTensor(codes=codes, scale=scale, zero_point=zero_point, qmin=qmin, qmax=qmax,
                            bits=bits, scheme=scheme, granularity=granularity, group_size=group_size,
                            dtype=w.dtype, codec=codec)

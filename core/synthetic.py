@@ -14,7 +14,8 @@ import threading
 import torch
 from torch import nn
 
-from bitsweep.quantize import quantizable_layers
+from bitsweep.models import weights_hash
+from bitsweep.policy import quantizable_layers
 
 STEPS, LR = 30, 0.2  # Adam steps and learning rate
 FEWEST, MOST = 8, 1024  # images made: as many pixels as FEWEST of 224 x 224 hold, at most MOST images
@@ -52,8 +53,6 @@ class PerModelCache:
         self._lock = threading.Lock()
 
     def get(self, model: nn.Module, key: tuple, compute):
-        from bitsweep.models import weights_hash
-
         key = (weights_hash(model), *key)
         with self._lock:
             if key not in self._items:
@@ -80,9 +79,15 @@ def synthetic_inputs(model: nn.Module) -> torch.Tensor:
     return _INPUTS.get(model, (size,), compute)
 
 
+def is_batchnorm(m: nn.Module) -> bool:
+    """A BatchNorm2d with running statistics: one that folds into a conv, and whose statistics inputs can
+    be synthesised to match."""
+    return isinstance(m, nn.BatchNorm2d) and m.running_var is not None
+
+
 def batchnorms(model: nn.Module) -> list[nn.BatchNorm2d]:
-    """The BatchNorms whose running statistics inputs can be synthesised to match."""
-    return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.running_var is not None]
+    """The model's BatchNorms with running statistics, in module order."""
+    return [m for m in model.modules() if is_batchnorm(m)]
 
 
 def image_count(size: tuple[int, ...]) -> int:

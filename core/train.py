@@ -16,7 +16,7 @@ from bitsweep.errors import BitsweepError
 
 
 @dataclass(frozen=True)
-class TrainRecipe:
+class TrainingSettings:
     """Everything besides architecture, data and seed that decides the trained weights."""
 
     epochs: int = 2
@@ -39,7 +39,7 @@ def classifier_kwargs(arch: str, num_classes: int, in_chans: int, image_size: in
     return {"num_classes": num_classes, "in_chans": in_chans, **model_kwargs}
 
 
-def train_classifier(arch: str, data: ImageSet, recipe: TrainRecipe, seed: int,
+def train_classifier(arch: str, data: ImageSet, settings: TrainingSettings, seed: int,
                      model_kwargs: dict | None = None) -> torch.nn.Module:
     """Train ``arch`` on ``data``; the same inputs and thread count give a bitwise-identical state_dict.
 
@@ -48,27 +48,27 @@ def train_classifier(arch: str, data: ImageSet, recipe: TrainRecipe, seed: int,
     if data.labels is None:
         raise BitsweepError("train_classifier needs a labelled dataset; this one has no labels")
     n, in_chans, height, _ = data.images.shape
-    steps_per_epoch = n // recipe.batch_size
+    steps_per_epoch = n // settings.batch_size
     if steps_per_epoch == 0:
-        raise BitsweepError(f"batch_size {recipe.batch_size} is larger than the {n} training images")
-    total = steps_per_epoch * recipe.epochs
+        raise BitsweepError(f"batch_size {settings.batch_size} is larger than the {n} training images")
+    total = steps_per_epoch * settings.epochs
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         kwargs = classifier_kwargs(arch, len(data.class_names), in_chans, height, **(model_kwargs or {}))
         model = timm.create_model(arch, pretrained=False, **kwargs)
-        optimizer = _optimizer(model, recipe)
-        warmup = max(1, round(total * recipe.warmup_fraction))
+        optimizer = _optimizer(model, settings)
+        warmup = max(1, round(total * settings.warmup_fraction))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, warmup, total))
         model.train()
-        for _ in range(recipe.epochs):
+        for _ in range(settings.epochs):
             order = torch.randperm(n)
             for step in range(steps_per_epoch):
-                index = order[step * recipe.batch_size:(step + 1) * recipe.batch_size]
+                index = order[step * settings.batch_size:(step + 1) * settings.batch_size]
                 images, labels = data.images[index], data.labels[index]
-                if recipe.hflip:
+                if settings.hflip:
                     flip = torch.rand(len(index)) < 0.5
                     images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-                loss = F.cross_entropy(model(images), labels, label_smoothing=recipe.label_smoothing)
+                loss = F.cross_entropy(model(images), labels, label_smoothing=settings.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -76,16 +76,16 @@ def train_classifier(arch: str, data: ImageSet, recipe: TrainRecipe, seed: int,
     return model.eval()
 
 
-def _optimizer(model: torch.nn.Module, recipe: TrainRecipe) -> torch.optim.Optimizer:
+def _optimizer(model: torch.nn.Module, settings: TrainingSettings) -> torch.optim.Optimizer:
     # No weight decay on norms and biases (1-d parameters): decaying them only hurts small models.
     decay = [p for p in model.parameters() if p.ndim > 1]
     rest = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    if recipe.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=recipe.lr)
-    if recipe.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=recipe.lr, momentum=0.9, nesterov=True)
-    raise BitsweepError(f"unknown optimizer {recipe.optimizer!r}; use adamw or sgd")
+    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=settings.lr)
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=settings.lr, momentum=0.9, nesterov=True)
+    raise BitsweepError(f"unknown optimizer {settings.optimizer!r}; use adamw or sgd")
 
 
 def _lr_factor(step: int, warmup: int, total: int) -> float:
@@ -94,9 +94,10 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def recipe_hash(arch: str, recipe: TrainRecipe, seed: int, data_hash: str, model_kwargs: dict | None = None) -> str:
+def training_key(arch: str, settings: TrainingSettings, seed: int, data_hash: str, model_kwargs: dict | None = None) -> str:
     """A short cache key for a trained checkpoint: everything that decides its weights, versions included."""
-    key = {"arch": arch, "model_kwargs": model_kwargs or {}, "recipe": asdict(recipe), "seed": seed,
+    # "recipe": the settings' key since the first cached checkpoints; renaming it would retrain them all.
+    key = {"arch": arch, "model_kwargs": model_kwargs or {}, "recipe": asdict(settings), "seed": seed,
            "data": data_hash, "torch": torch.__version__, "timm": timm.__version__,
            "threads": torch.get_num_threads()}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

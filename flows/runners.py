@@ -13,6 +13,7 @@ from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner, TaskRunner
+from pydantic import ValidationError
 
 from bitsweep.config import Runner
 from bitsweep.errors import BitsweepError, first_line
@@ -22,9 +23,16 @@ CONNECT_SECONDS = 5  # an unreachable scheduler is reported after this long
 
 def settings(base: Runner, kind: str | None = None, address: str | None = None,
              workers: int | None = None) -> Runner:
-    """flows.yaml's runner with command-line or deployment overrides (an address implies Dask)."""
+    """flows.yaml's runner with command-line or deployment overrides (an address implies Dask); a bad
+    override is one line naming its ``bitsweep run`` option."""
     changes = {"kind": kind or ("dask" if address else None), "address": address, "workers": workers}
-    return Runner.model_validate(base.model_dump() | {k: v for k, v in changes.items() if v is not None})
+    try:
+        return Runner.model_validate(base.model_dump() | {k: v for k, v in changes.items() if v is not None})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = error["loc"][0] if error["loc"] else "kind"
+        option = {"kind": "--runner", "address": "--address", "workers": "--max-workers"}[field]
+        raise BitsweepError(f"{option}: {error['msg'].removeprefix('Value error, ')}") from None
 
 
 def check_scheduler(address: str) -> None:

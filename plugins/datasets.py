@@ -28,19 +28,22 @@ _FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", 
 _IDX_UBYTE = 0x08  # IDX type code for unsigned bytes, the only one the MNIST family uses
 
 
-def _check_options(dataset: str, options: dict, allowed: set[str]) -> None:
+def check_options(dataset: str, options: dict, allowed: set[str]) -> None:
+    """One line naming any option of ``dataset`` outside ``allowed``."""
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise BitsweepError(f"dataset {dataset!r}: unknown option(s) {', '.join(unknown)}; "
                             f"allowed: {', '.join(sorted(allowed))}")
 
 
-def _check_split(dataset: str, split: str) -> None:
+def check_split(dataset: str, split: str) -> None:
+    """One line when ``split`` is not a split datasets offer."""
     if split not in SPLITS:
         raise BitsweepError(f"dataset {dataset!r}: unknown split {split!r}; use one of {', '.join(SPLITS)}")
 
 
-def _positive_int(dataset: str, key: str, value) -> int:
+def positive_int(dataset: str, key: str, value) -> int:
+    """``value`` of option ``key``, or one line saying it must be a positive integer."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise BitsweepError(f"dataset {dataset!r}: option {key} must be a positive integer, got {value!r}")
     return value
@@ -76,8 +79,8 @@ class FashionMNIST(Dataset):
 
     def _root(self, options: dict, split: str) -> Path:
         """The folder holding ``split``'s two IDX files, or one error saying how to get them."""
-        _check_options(self.name, options, {"path", "limit"})
-        _check_split(self.name, split)
+        check_options(self.name, options, {"path", "limit"})
+        check_split(self.name, split)
         root = Path(options.get("path", FASHION_MNIST_DIR)).expanduser()
         images_file, labels_file, _ = _FILES[split]
         missing = [name for name in (images_file, labels_file) if not (root / name).is_file()]
@@ -98,7 +101,7 @@ class FashionMNIST(Dataset):
         if labels.max() >= len(FASHION_MNIST_CLASSES):
             raise BitsweepError(f"{root / labels_file} has label {labels.max()}, expected 0..9; the file is corrupt")
         if "limit" in options:
-            n = _positive_int(self.name, "limit", options["limit"])
+            n = positive_int(self.name, "limit", options["limit"])
             pixels, labels = pixels[:n], labels[:n]
         images = torch.from_numpy(pixels.copy()).unsqueeze(1).float().div_(255)
         images = images.sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD)
@@ -125,13 +128,13 @@ class Digits(Dataset):
     allowed_options = {"size", "limit"}
 
     def check(self, options: dict) -> None:
-        _check_options(self.name, options, self.allowed_options)
+        check_options(self.name, options, self.allowed_options)
         _sklearn_digits()
 
     def load(self, split: str, options: dict, data_config: dict | None = None) -> ImageSet:
-        _check_options(self.name, options, self.allowed_options)
-        _check_split(self.name, split)
-        size = _positive_int(self.name, "size", options.get("size", 32))
+        check_options(self.name, options, self.allowed_options)
+        check_split(self.name, split)
+        size = positive_int(self.name, "size", options.get("size", 32))
         digits = _sklearn_digits()
         pixels = torch.from_numpy(digits.images).float().div_(16).unsqueeze(1)
         labels = torch.from_numpy(digits.target.astype(np.int64))
@@ -140,7 +143,7 @@ class Digits(Dataset):
         chosen = test if split == "test" else ~test
         pixels, labels = pixels[chosen], labels[chosen]
         if "limit" in options:
-            n = _positive_int(self.name, "limit", options["limit"])
+            n = positive_int(self.name, "limit", options["limit"])
             pixels, labels = pixels[:n], labels[:n]
         images = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False)
         images = images.sub_(train_pixels.mean()).div_(train_pixels.std())  # the training images' statistics
@@ -155,13 +158,13 @@ class Synthetic(Dataset):
     defaults = {"num_classes": 4, "size": 16, "n": 256, "channels": 1, "seed": 0}
 
     def check(self, options: dict) -> None:
-        _check_options(self.name, options, set(self.defaults))
+        check_options(self.name, options, set(self.defaults))
 
     def load(self, split: str, options: dict, data_config: dict | None = None) -> ImageSet:
         self.check(options)
-        _check_split(self.name, split)
+        check_split(self.name, split)
         opts = {**self.defaults, **options}
-        classes, size, n, channels = (_positive_int(self.name, key, opts[key])
+        classes, size, n, channels = (positive_int(self.name, key, opts[key])
                                       for key in ("num_classes", "size", "n", "channels"))
         seed = int(opts["seed"])
         # Prototypes depend on the seed only, so train and test share classes; the noise also on the split.

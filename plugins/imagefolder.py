@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 import bitsweep
 from bitsweep.datasets import Dataset, ImageSet
 from bitsweep.errors import BitsweepError
-from bitsweep.plugins.datasets import _check_options, _check_split, _positive_int
+from bitsweep.plugins.datasets import check_options, check_split, positive_int
 
 LAYOUT = "expected ROOT/<class folder>/<images> (e.g. val/n01440764/ILSVRC2012_val_00000293.JPEG)"
 
@@ -85,7 +85,7 @@ class ImageFolder(Dataset):
         self._root(options)
 
     def _root(self, options: dict) -> Path:
-        _check_options(self.name, options, {"path", "class_index", "limit"})
+        check_options(self.name, options, {"path", "class_index", "limit"})
         if "path" not in options:
             raise BitsweepError(f"dataset {self.name!r} needs the option path: pointing at a folder; {LAYOUT}")
         root = Path(options["path"]).expanduser()
@@ -94,7 +94,7 @@ class ImageFolder(Dataset):
         return root
 
     def load(self, split: str, options: dict, data_config: dict | None = None) -> ImageSet:
-        _check_split(self.name, split)
+        check_split(self.name, split)
         root = self._root(options)
         if split == "train":
             root = root / "train"
@@ -106,7 +106,7 @@ class ImageFolder(Dataset):
         class_index = read_class_index(Path(options["class_index"]).expanduser()) if "class_index" in options else None
         pairs, class_names = list_images(root, class_index)
         if "limit" in options:
-            pairs = pairs[:_positive_int(self.name, "limit", options["limit"])]
+            pairs = pairs[:positive_int(self.name, "limit", options["limit"])]
         images = preprocess((load_image(path) for path, _ in pairs), data_config)
         labels = torch.tensor([label for _, label in pairs], dtype=torch.int64)
         return ImageSet(images, labels, class_names)

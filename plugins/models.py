@@ -10,10 +10,14 @@ from pathlib import Path
 
 import timm
 import torch
+from safetensors.torch import load_file, save_file
 
 import bitsweep
+from bitsweep.datasets import content_hash
 from bitsweep.errors import BitsweepError
+from bitsweep.files import atomic_path
 from bitsweep.models import LoadedModel, ModelSource, ModelSpec
+from bitsweep.train import TrainingSettings, classifier_kwargs, train_classifier, training_key
 
 
 def _check_timm_name(name: str) -> None:
@@ -98,8 +102,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise BitsweepError(f"checkpoint {path} does not exist; check the `checkpoint:` path")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -142,27 +144,21 @@ class Trained(ModelSource):
     description = "a timm architecture trained from scratch on the sweep's dataset (seeded, cached)"
 
     def load(self, spec, context):
-        from safetensors.torch import load_file, save_file
-
-        from bitsweep.datasets import content_hash
-        from bitsweep.files import atomic_path
-        from bitsweep.train import TrainRecipe, classifier_kwargs, recipe_hash, train_classifier
-
-        recipe_fields = set(TrainRecipe.__dataclass_fields__)
-        _timm_kwargs(self.name, spec, recipe_fields | {"seed", "kwargs"})
+        setting_fields = set(TrainingSettings.__dataclass_fields__)
+        _timm_kwargs(self.name, spec, setting_fields | {"seed", "kwargs"})
         options = spec.options
-        recipe = TrainRecipe(**{k: v for k, v in options.items() if k in recipe_fields})
+        settings = TrainingSettings(**{k: v for k, v in options.items() if k in setting_fields})
         seed, model_kwargs = int(options.get("seed", 0)), dict(options.get("kwargs", {}))
         data = context.dataset.load("train", context.dataset_options)
         _, in_chans, size, _ = data.images.shape
         arch_kwargs = classifier_kwargs(spec.name, len(data.class_names), in_chans, size, **model_kwargs)
-        key = recipe_hash(spec.name, recipe, seed, content_hash(data), model_kwargs)
+        key = training_key(spec.name, settings, seed, content_hash(data), model_kwargs)
         path = Path(context.cache_dir) / "trained" / f"{spec.name}-{key}.safetensors"
         if path.exists():
             model = create_timm_model(spec.name, pretrained=False, **arch_kwargs)
             model.load_state_dict(load_file(path), strict=True)
         else:
-            model = train_classifier(spec.name, data, recipe, seed, model_kwargs)
+            model = train_classifier(spec.name, data, settings, seed, model_kwargs)
             with atomic_path(path) as tmp:
                 save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
         # timm's config still names the architecture's own input size; synthetic inputs read this one.

@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 import bitsweep
 from bitsweep.datasets import Dataset, ImageSet
 from bitsweep.errors import BitsweepError
-from bitsweep.plugins.datasets import _check_options, _check_split, _positive_int
+from bitsweep.plugins.datasets import check_options, check_split, positive_int
 from bitsweep.plugins.imagefolder import preprocess
 
 # skimage.data functions whose files are inside the scikit-image wheel (no download); grey ones become RGB.
@@ -68,8 +68,8 @@ class Photos(Dataset):
         _skimage_data()
 
     def _views(self, options: dict) -> int:
-        _check_options(self.name, options, {"views"})
-        return _positive_int(self.name, "views", options.get("views", DEFAULT_VIEWS))
+        check_options(self.name, options, {"views"})
+        return positive_int(self.name, "views", options.get("views", DEFAULT_VIEWS))
 
     def load(self, split: str, options: dict, data_config: dict | None = None) -> ImageSet:
         count = self._views(options)
@@ -77,7 +77,7 @@ class Photos(Dataset):
             raise BitsweepError(f"dataset {self.name!r} is evaluation-only (unlabelled photos, no train split); "
                                 "train on a labelled dataset such as fashion-mnist, or use trained weights "
                                 "(e.g. source: efficientnet-lite)")
-        _check_split(self.name, split)
+        check_split(self.name, split)
         views = [view for photo in load_photos() for view in views_of(photo, count)]
         return ImageSet(preprocess(views, data_config), labels=None, class_names=imagenet_class_names())
 

@@ -1,4 +1,8 @@
-"""Shared fixtures: real trained conv weights, and a subprocess runner for the CLI."""
+"""What several test modules share: the `slow` marker, Prefect servers, the CLI in a fresh process, the tiny
+sweep's flows.yaml, plugin distributions written on the fly, and small numeric helpers.
+
+`pytest -m "not slow"` is the quick loop: it leaves out what starts servers, CLI subprocesses, Dask clusters,
+Chromium, the timm zoo or inductor compilations. CI runs everything."""
 
 import os
 import re
@@ -7,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from types import SimpleNamespace
 
@@ -22,6 +27,93 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
+
+SCHEMES = ("asymmetric", "symmetric", "pow2")  # the built-in schemes
+BITS = range(2, 9)  # every width they take
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts a server, a CLI subprocess, a Dask cluster or Chromium, runs the "
+                                       "timm zoo or an inductor compilation; `-m 'not slow'` leaves it out")
+
+
+def relative_error(output, reference):
+    """Relative L2 error of ``output`` against ``reference``, in float64 (norms of large activations overflow
+    float32)."""
+    output, reference = output.double(), reference.double()
+    return ((output - reference).norm() / reference.norm()).item()
+
+
+STABLE = ["model", "scheme", "bits", "policy", "status", "top1", "top5", "agreement", "kl", "params",
+          "quantized_layers", "bytes_stored", "entropy_bytes", "bytes_gzip", "bytes_7z", "bytes_zstd", "key"]
+
+
+def write_config(tmp_path, schemes=("asymmetric", "pow2"), bits=(8, 4), name="tiny", extra_models=()):
+    """The tiny sweep's flows.yaml in ``tmp_path``: one small model trained for an epoch on synthetic images."""
+    config = {"sweeps": [{
+        "name": name,
+        "models": [{"source": "trained", "name": "test_efficientnet", "epochs": 1, "batch_size": 64},
+                   *extra_models],
+        "dataset": {"name": "synthetic", "n": 256, "num_classes": 4, "size": 16},
+        "schemes": list(schemes), "bits": list(bits), "policies": ["full", {"keep_first": 1}],
+        "compressors": ["gzip", "zstd"],
+        "evaluation": {"latency_repeats": 3},
+        "output": str(tmp_path / "run"),
+    }]}
+    path = tmp_path / "flows.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def stable(rows):
+    """The rows' fields that do not depend on timing or paths, in a comparable order."""
+    return sorted(tuple(r.get(k) for k in STABLE) for r in rows)
+
+
+def cli(tmp_path, *args):
+    """The command and environment of ``bitsweep ARGS`` with its cache in ``tmp_path`` and ``tmp_path/site`` on
+    its Python path (where tests install plugin distributions)."""
+    env = {**os.environ, "BITSWEEP_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(tmp_path / "site")}
+    return [sys.executable, "-m", "bitsweep", *args], env
+
+
+def make_distribution(root, dist, module, source, version="0.3"):
+    """A real installed distribution on ``root``: dist-info with an entry point in group bitsweep."""
+    info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(f"[bitsweep]\n{module} = {module}\n")
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+
+
+BROKEN = {  # plugins that break: at import, in their hook, by taking a built-in's name
+    "fails_import": "import a_module_that_is_not_installed\n",
+    "fails_hook": """
+        import bitsweep
+        @bitsweep.hookimpl
+        def register_schemes():
+            raise RuntimeError("disk on fire")
+    """,
+    "steals_name": """
+        import bitsweep
+        from bitsweep.plugins.schemes import Symmetric
+        class Impostor(Symmetric):
+            description = "not the real one"
+        @bitsweep.hookimpl
+        def register_schemes():
+            return [Impostor()]
+    """,
+}
+
+
+class Payload:
+    """Unpickling this runs code: it writes the file ``mark``."""
+
+    def __init__(self, mark):
+        self.mark = mark
+
+    def __reduce__(self):
+        return exec, (f"open({self.mark!r}, 'w').write('ran')",)
 
 
 @pytest.fixture(autouse=True)
@@ -125,8 +217,6 @@ DEPLOYED_CRON = "0 3 * * *"
 def deployed_run(prefect_server, tmp_path_factory):
     """The tiny sweep deployed with a cron schedule, triggered with ``prefect deployment run`` and run by a
     process worker (``--run-once``: it takes the scheduled run, waits for it and exits)."""
-    from test_sweep import write_config
-
     folder = tmp_path_factory.mktemp("deployed")
     config = yaml.safe_load(write_config(folder).read_text())
     config["deployments"] = [{"name": "tiny-nightly", "sweep": "tiny", "cron": DEPLOYED_CRON}]

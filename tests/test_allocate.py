@@ -10,7 +10,7 @@ from torch import nn
 
 import bitsweep
 from bitsweep import BitsweepError
-from bitsweep.allocate import allocate, allocate_bits, sensitivity
+from bitsweep.allocate import allocate, allocate_bits, output_sqnr, sensitivity
 
 
 def _three_linears():
@@ -28,7 +28,7 @@ def _three_linears():
 def test_sensitivity_is_the_layers_output_sqnr():
     model = _three_linears()
     x = torch.randn(32, 64)
-    table = sensitivity(model, "symmetric", (3, 6), inputs=x)
+    table = output_sqnr(model, "symmetric", (3, 6), inputs=x)
     assert set(table) == {"0", "2", "4"}
     with torch.no_grad():  # independently, for the first layer: its output with and without the quantized weight
         w = bitsweep.quantize_tensor(model[0].weight, "symmetric", 3).dequantize()
@@ -41,19 +41,19 @@ def test_sensitivity_is_the_layers_output_sqnr():
 
 def test_the_default_inputs_table_is_measured_once_per_model_weights(monkeypatch):
     """A sweep asks for the same table once per width and recipe; new weights are measured again."""
-    recipes_module = importlib.import_module("bitsweep.recipes")  # bitsweep.recipes is also a function
+    allocate_module = importlib.import_module("bitsweep.allocate")
     passes = []
-    run = recipes_module.run_with_hooks
-    monkeypatch.setattr(recipes_module, "run_with_hooks", lambda *a, **k: (passes.append(1), run(*a, **k))[1])
+    run = allocate_module.run_with_hooks
+    monkeypatch.setattr(allocate_module, "run_with_hooks", lambda *a, **k: (passes.append(1), run(*a, **k))[1])
     model = _three_linears()
-    first = sensitivity(model, "symmetric", (3, 6))
+    first = output_sqnr(model, "symmetric", (3, 6))
     first["0"][3] = 0.0  # callers get their own copy
-    again = sensitivity(model, "symmetric", (3, 6))
+    again = output_sqnr(model, "symmetric", (3, 6))
     assert len(passes) == 1 and again["0"][3] != 0.0
-    assert sensitivity(model, "symmetric", (3, 6), inputs=torch.randn(8, 64)) and len(passes) == 2
+    assert output_sqnr(model, "symmetric", (3, 6), inputs=torch.randn(8, 64)) and len(passes) == 2
     with torch.no_grad():
         model[0].weight[:2] *= 50  # no longer nearly silent: the middle layer's inputs change
-    changed = sensitivity(model, "symmetric", (3, 6))
+    changed = output_sqnr(model, "symmetric", (3, 6))
     assert len(passes) == 3 and changed["2"][3] != again["2"][3]
 
 
@@ -117,3 +117,11 @@ def test_policies_without_allocate_serialise_as_before_so_resume_keys_stay_valid
 def test_an_allocate_policy_with_its_own_widths_is_refused():
     with pytest.raises(ValueError, match="allocate chooses every layer's width itself; drop either bits or allocate"):
         bitsweep.Policy.parse({"allocate": True, "bits": {"0": 8}})
+
+
+def test_sensitivity_is_the_deprecated_name_of_output_sqnr():
+    model = _three_linears()
+    x = torch.randn(8, 64)
+    with pytest.warns(DeprecationWarning, match="output_sqnr"):
+        old = sensitivity(model, "symmetric", (3, 6), inputs=x)
+    assert old == output_sqnr(model, "symmetric", (3, 6), inputs=x)

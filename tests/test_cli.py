@@ -4,6 +4,8 @@ import pytest
 
 import bitsweep
 
+pytestmark = pytest.mark.slow  # each test runs `bitsweep` in a fresh interpreter
+
 
 def test_version(run_cli):
     result = run_cli("--version")

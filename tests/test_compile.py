@@ -5,14 +5,13 @@ import math
 import pytest
 import timm
 import torch
+from conftest import SCHEMES, relative_error
 from torch import nn
 
 import bitsweep
 from bitsweep import kernels
 from bitsweep.compile import PackedConv, PackedLinear, compile_packed
 from bitsweep.errors import BitsweepError
-
-SCHEMES = ["asymmetric", "symmetric", "pow2"]
 
 
 @pytest.fixture(params=["compiled", "python"])
@@ -25,10 +24,6 @@ def kernel_build(request, monkeypatch):
         assert kernels.extension() is not None, "the C++ kernels did not build on this machine"
     yield request.param
     kernels.extension.cache_clear()
-
-
-def relative_error(out, ref):
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 class Layers(nn.Module):
@@ -148,4 +143,14 @@ def test_compile_needs_a_quantized_model():
         compile_packed(nn.Linear(4, 4))
     quantized = bitsweep.quantize_model(nn.Sequential(nn.Linear(4, 4)), "symmetric", 4)
     with pytest.raises(BitsweepError, match="unknown kernel path"):
+        compile_packed(quantized, kernel="gpu")
+
+
+def test_compile_packed_old_path_keyword_still_works_and_warns():
+    quantized = bitsweep.quantize_model(nn.Sequential(nn.Linear(8, 4)), "symmetric", 4)
+    with pytest.warns(DeprecationWarning, match="kernel="):
+        old = compile_packed(quantized, path="weight-only")
+    x = torch.randn(3, 8)
+    assert torch.equal(old(x), compile_packed(quantized, kernel="weight-only")(x))
+    with pytest.warns(DeprecationWarning), pytest.raises(BitsweepError, match="unknown kernel path"):
         compile_packed(quantized, path="gpu")

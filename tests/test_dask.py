@@ -8,10 +8,11 @@ import time
 
 import pytest
 import yaml
-from conftest import free_port
-from test_sweep import write_config
+from conftest import free_port, write_config
 
-from bitsweep import sweep as steps
+from bitsweep import loaded
+
+pytestmark = pytest.mark.slow  # Dask clusters, Prefect flows, `bitsweep run` subprocesses
 
 TIMING = {"seconds", "latency_b1_ms", "latency_batch_ms"}
 
@@ -54,7 +55,7 @@ def test_existing_scheduler_gives_the_same_rows_and_loads_each_model_once_per_wo
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
         rows = sweep_flow(config_path=str(write_config(tmp_path)), address=cluster.scheduler_address)
-        loads = client.run(lambda: steps._fp32_module.cache_info()._asdict())
+        loads = client.run(lambda: loaded._fp32_module.cache_info()._asdict())
     assert comparable(rows, tmp_path / "run") == thread_rows
     used = [info for info in loads.values() if info["hits"] + info["misses"]]
     assert used, "no worker ran a cell"

@@ -14,9 +14,9 @@ from bitsweep.datasets import ImageSet, content_hash
 from bitsweep.errors import BitsweepError
 from bitsweep.plugins.datasets import FASHION_MNIST_DIR, Digits, FashionMNIST, Synthetic
 from bitsweep.evaluate import accuracy, predict
-from bitsweep.train import TrainRecipe, classifier_kwargs, train_classifier
+from bitsweep.train import TrainingSettings, classifier_kwargs, train_classifier
 
-TINY = TrainRecipe(epochs=3, batch_size=32, lr=3e-3)
+TINY = TrainingSettings(epochs=3, batch_size=32, lr=3e-3)
 
 
 def test_builtins_register_through_the_public_hook():
@@ -97,12 +97,12 @@ def test_training_is_bitwise_reproducible_and_leaves_the_global_rng_alone():
     data = Synthetic().load("train", {"n": 128})
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
-    runs = [train_classifier("test_resnet", data, TrainRecipe(epochs=1, batch_size=32), seed=7) for _ in range(2)]
+    runs = [train_classifier("test_resnet", data, TrainingSettings(epochs=1, batch_size=32), seed=7) for _ in range(2)]
     assert torch.equal(torch.random.get_rng_state(), before)
     first, second = (run.state_dict() for run in runs)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first), "same seed must give identical weights"
-    other = train_classifier("test_resnet", data, TrainRecipe(epochs=1, batch_size=32), seed=8).state_dict()
+    other = train_classifier("test_resnet", data, TrainingSettings(epochs=1, batch_size=32), seed=8).state_dict()
     assert not torch.equal(first["fc.weight"], other["fc.weight"])
 
 

@@ -8,11 +8,15 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
-from conftest import DEPLOYED_CRON
+from conftest import DEPLOYED_CRON, write_config
 
-from bitsweep import sweep as steps
+from bitsweep.cells import plan_cells
 from bitsweep.config import load_config
+from bitsweep.results import COLUMNS
+
+pytestmark = pytest.mark.slow  # a Prefect server, workers and `bitsweep deploy` subprocesses
 
 
 def test_deployed_sweep_runs_on_a_worker_and_its_artifacts_reach_the_server(deployed_run, prefect_server):
@@ -31,20 +35,18 @@ def test_deployed_sweep_runs_on_a_worker_and_its_artifacts_reach_the_server(depl
     written = json.loads((deployed_run.folder / "run" / "results.json").read_text())
     assert len(written) == 9  # the fp32 row and 2 schemes x 2 widths x 2 policies
     assert artifacts["tiny-results"]["type"] == "table"
-    assert json.loads(artifacts["tiny-results"]["data"]) == [{k: r.get(k) for k in steps.COLUMNS} for r in written]
+    assert json.loads(artifacts["tiny-results"]["data"]) == [{k: r.get(k) for k in COLUMNS} for r in written]
     assert artifacts["tiny-progress"]["type"] == "progress" and artifacts["tiny-progress"]["data"] == 100
 
     task_runs = prefect_server.post("/task_runs/filter",
                                     {"flow_runs": {"id": {"any_": [deployed_run.flow_run_id]}}, "limit": 200})
     sweep = load_config(deployed_run.folder / "flows.yaml").sweeps[0]
-    expected = {f"evaluate {cell.label}" for cell in steps.plan_cells(sweep, "test_efficientnet")}
+    expected = {f"evaluate {cell.label}" for cell in plan_cells(sweep, "test_efficientnet")}
     evaluated = {t["name"]: t["state"]["type"] for t in task_runs if t["name"].startswith("evaluate ")}
     assert evaluated == dict.fromkeys(expected, "COMPLETED")
 
 
 def test_invalid_cron_fails_at_deploy_in_one_line(prefect_server, tmp_path, run_cli):
-    from test_sweep import write_config
-
     config = yaml.safe_load(write_config(tmp_path).read_text())
     config["deployments"] = [{"name": "bad-cron", "sweep": "tiny", "cron": "0 25 * * *"}]
     (tmp_path / "flows.yaml").write_text(yaml.safe_dump(config))

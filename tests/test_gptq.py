@@ -3,13 +3,12 @@ statistics that reproduce each layer's own output moments, and a lower output er
 
 import pytest
 import torch
+from conftest import SCHEMES
 from timm.layers import Conv2dSame
 from torch import nn
 
 from bitsweep.gptq import BLOCK, DAMPING, error_feedback, input_moments
 from bitsweep.schemes import quantize_tensor
-
-SCHEMES = ("asymmetric", "symmetric", "pow2")
 
 
 def correlated_inputs(samples, features, seed):

@@ -5,6 +5,7 @@ import pickle
 import pytest
 import timm
 import torch
+from conftest import Payload
 from safetensors.torch import save_file
 
 from bitsweep.errors import BitsweepError
@@ -38,16 +39,10 @@ def test_checkpoint_loads_the_exact_weights(tmp_path, suffix):
     assert loaded.arch == "resnet18" and loaded.arch_kwargs == {"num_classes": 7}
 
 
-class Payload:
-    def __reduce__(self):
-        return (exec, ("open(__import__('os').environ['PAYLOAD_MARK'], 'w').write('ran')",))
-
-
-def test_a_malicious_pickle_is_refused_and_its_payload_never_runs(tmp_path, monkeypatch):
+def test_a_malicious_pickle_is_refused_and_its_payload_never_runs(tmp_path):
     mark = tmp_path / "payload-ran"
-    monkeypatch.setenv("PAYLOAD_MARK", str(mark))
     path = tmp_path / "evil.pth"
-    path.write_bytes(pickle.dumps({"conv1.weight": Payload()}))
+    path.write_bytes(pickle.dumps({"conv1.weight": Payload(str(mark))}))
     spec = ModelSpec(name="resnet18", source="checkpoint", checkpoint=str(path))
     with pytest.raises(BitsweepError, match="holds more than tensors.*never unpickles code"):
         source("checkpoint").load(spec, None)

@@ -8,6 +8,7 @@ import struct
 import pytest
 import timm
 import torch
+from conftest import BITS, SCHEMES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -16,9 +17,6 @@ from safetensors.torch import load_file, save_file
 import bitsweep
 from bitsweep import BitsweepError, PackedTensor, load_packed, save_packed
 from bitsweep.pack import FORMAT, code_entropy_bytes, pack_bits, unpack_bits
-
-BITS = range(2, 9)
-SCHEMES = ["asymmetric", "symmetric", "pow2"]
 
 
 def reference_pack(values, bits):

@@ -1,10 +1,9 @@
 """The plugin contract: a real third-party distribution, and plugins that break in every way."""
 
-import textwrap
-
 import pytest
 import timm
 import torch
+from conftest import BROKEN, make_distribution
 
 import bitsweep
 from bitsweep.registry import PluginWarning, build_registry
@@ -30,40 +29,12 @@ def test_example_plugin_adds_a_fourth_scheme():
     assert len(qm.quantized_layers) == 21 and {qt.scheme for qt in qm.quantized_layers.values()} == {"normalfloat"}
 
 
+@pytest.mark.slow
 def test_example_plugin_is_listed_by_the_cli(run_cli):
     result = run_cli("plugins")
     assert result.returncode == 0, result.stderr
     row = next(line for line in result.stdout.splitlines() if "normalfloat" in line)
     assert "bitsweep-normalfloat" in row and "0.1.0" in row and "scheme" in row
-
-
-def make_distribution(root, dist, module, source):
-    """A real installed distribution on ``root``: dist-info with an entry point in group bitsweep."""
-    info = root / f"{dist.replace('-', '_')}-0.3.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.3\n")
-    (info / "entry_points.txt").write_text(f"[bitsweep]\n{module} = {module}\n")
-    (root / f"{module}.py").write_text(textwrap.dedent(source))
-
-
-BROKEN = {
-    "fails_import": "import a_module_that_is_not_installed\n",
-    "fails_hook": """
-        import bitsweep
-        @bitsweep.hookimpl
-        def register_schemes():
-            raise RuntimeError("disk on fire")
-    """,
-    "steals_name": """
-        import bitsweep
-        from bitsweep.plugins.schemes import Symmetric
-        class Impostor(Symmetric):
-            description = "not the real one"
-        @bitsweep.hookimpl
-        def register_schemes():
-            return [Impostor()]
-    """,
-}
 
 
 @pytest.fixture
@@ -90,6 +61,7 @@ def test_broken_plugins_cost_one_warning_each_and_nothing_else(broken_plugins):
     assert {"asymmetric", "symmetric", "pow2", "normalfloat"} <= set(schemes)
 
 
+@pytest.mark.slow
 def test_cli_reports_broken_plugins_as_one_line_warnings(broken_plugins, run_cli):
     result = run_cli("plugins", env={"PYTHONPATH": str(broken_plugins)})
     assert result.returncode == 0

@@ -6,6 +6,7 @@ import copy
 import pytest
 import timm
 import torch
+from conftest import SCHEMES, make_distribution
 from torch import nn
 
 import bitsweep
@@ -15,9 +16,6 @@ from bitsweep.quantize import quantizable_layers
 from bitsweep.recipes import clip_search, correct_bias
 from bitsweep import tune
 from bitsweep.registry import build_registry
-from test_plugins import make_distribution
-
-SCHEMES = ("asymmetric", "symmetric", "pow2")
 
 
 def _randomize_norms(model, seed=0):
@@ -48,6 +46,17 @@ def test_builtin_recipes_are_registered_through_the_hook():
     entries = bitsweep.get_registry().entries("recipe")
     assert {e.provider.plugin for e in entries.values()} == {"builtin:recipes"}
     assert all(isinstance(r, bitsweep.Recipe) and r.description for r in recipes.values())
+
+
+def test_the_listings_and_the_modules_share_their_names():
+    """``bitsweep.recipes()`` lists, ``bitsweep.recipes.Pipeline`` is the module's class: one name, both uses."""
+    import importlib
+
+    module = importlib.import_module("bitsweep.recipes")
+    assert bitsweep.recipes is module and bitsweep.recipes.Pipeline is module.Pipeline
+    assert bitsweep.schemes is importlib.import_module("bitsweep.schemes")
+    assert set(bitsweep.schemes()) == set(bitsweep.get_registry().entries("scheme"))
+    assert set(bitsweep.recipes()) == set(bitsweep.get_registry().entries("recipe"))
 
 
 def test_an_unknown_recipe_is_one_clear_error(resnet):

@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_plugins import BROKEN, make_distribution
-from test_sweep import cli, stable, write_config
+from conftest import BROKEN, Payload, cli, make_distribution, stable, write_config
 
 from bitsweep import BitsweepError
 from bitsweep.files import LOCK_NAME, run_lock
@@ -213,6 +212,7 @@ KILLS = [
 RESULTS = {Path("results.csv"), Path("results.json")}
 
 
+@pytest.mark.slow
 def test_killed_at_every_step_resumes_with_only_the_missing_work(site):
     reference = site / "reference"
     reference.mkdir()
@@ -259,6 +259,7 @@ def error_line(result):
     return errors[0]
 
 
+@pytest.mark.slow
 def test_a_second_sweep_on_the_same_folder_refuses_and_the_first_is_unharmed(site):
     folder = site / "locked"
     folder.mkdir()
@@ -323,6 +324,7 @@ def contents(run_dir):
     return {path: (run_dir / path).read_bytes() for path in snapshot(run_dir)}
 
 
+@pytest.mark.slow
 def test_read_only_and_full_disks_give_one_clear_error_and_keep_results(site, small_disk):
     folder, run_dir = site / "disk", small_disk / "run"
     folder.mkdir()
@@ -353,16 +355,7 @@ def test_read_only_and_full_disks_give_one_clear_error_and_keep_results(site, sm
                if path.parts[0] in ("cells", "packed")), "the first cells were kept, not redone"
 
 
-class Payload:
-    """Unpickling this runs code: it writes the file ``mark``."""
-
-    def __init__(self, mark):
-        self.mark = mark
-
-    def __reduce__(self):
-        return exec, (f"open({self.mark!r}, 'w').write('ran')",)
-
-
+@pytest.mark.slow
 def test_a_malicious_checkpoint_is_refused_and_its_payload_never_runs(site, tmp_path):
     mark, evil = tmp_path / "payload-ran", tmp_path / "evil.pth"
     torch.save({"conv_stem.weight": Payload(str(mark))}, evil)  # a real torch.save file
@@ -383,6 +376,7 @@ def test_a_malicious_checkpoint_is_refused_and_its_payload_never_runs(site, tmp_
     assert not mark.exists()
 
 
+@pytest.mark.slow
 def test_asking_for_a_broken_plugins_scheme_stops_before_any_work(site, tmp_path):
     config = sweep_config(tmp_path, schemes=("asymmetric", "fails_hook"))
     line = error_line(bitsweep_run(site, config))
@@ -394,6 +388,7 @@ def test_asking_for_a_broken_plugins_scheme_stops_before_any_work(site, tmp_path
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_plugin_raising_inside_a_cell_fails_that_cell_and_names_it(site, tmp_path):
     result = bitsweep_run(site, sweep_config(tmp_path, bits=(8, 4)), "compress-raise:*_4b-*")
     assert error_line(result).startswith("bitsweep: error: 2 of 5 rows failed")

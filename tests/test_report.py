@@ -33,6 +33,7 @@ def finished_run(tmp_path_factory, prefect_harness):
     return root / "run"
 
 
+@pytest.mark.slow
 def test_bit_limit_series_are_the_rows(finished_run):
     run = load_run(finished_run)
     data = figures.bit_limit_data(run["rows"])["test_efficientnet"]
@@ -43,6 +44,7 @@ def test_bit_limit_series_are_the_rows(finished_run):
     assert data["fp32"] == next(r["top1"] for r in run["rows"] if r["scheme"] == "fp32")
 
 
+@pytest.mark.slow
 def test_pareto_front_is_exactly_the_undominated_cells(finished_run):
     data = figures.pareto_data(load_run(finished_run)["rows"])["test_efficientnet"]
     assert len(data["points"]) == 5  # fp32 and four cells
@@ -56,6 +58,7 @@ def test_pareto_front_is_exactly_the_undominated_cells(finished_run):
         (1, 50, "a"), (2, 60, "c"), (4, 70, "e")]
 
 
+@pytest.mark.slow
 def test_box_and_sensitivity_data_are_the_profile(finished_run):
     profile = load_run(finished_run)["profile"]
     layers = figures.chosen_layers(profile, "test_efficientnet")
@@ -68,7 +71,7 @@ def test_box_and_sensitivity_data_are_the_profile(finished_run):
         for label, stats in boxes["layers"][layer]:
             scheme, bits = ("fp32", 32) if label == "fp32" else (label, 4)
             assert stats == next(r for r in profile if (r["layer"], r["scheme"], r["bits"]) == (layer, scheme, bits))
-    panel = figures.sensitivity_data(profile, "test_efficientnet", "asymmetric")
+    panel = figures.weight_sqnr_data(profile, "test_efficientnet", "asymmetric")
     assert panel["layers"] == all_layers and panel["bits"] == [8, 4]
     for layer, values in zip(panel["layers"], panel["values"]):
         for bits, value in zip(panel["bits"], values):
@@ -77,6 +80,7 @@ def test_box_and_sensitivity_data_are_the_profile(finished_run):
         assert values[0] > values[1], "8 bits are quieter than 4"
 
 
+@pytest.mark.slow
 def test_every_figure_is_a_valid_png_linked_from_both_reports(finished_run):
     folder = finished_run / "report"
     pngs = sorted(folder.glob("*.png"))
@@ -90,6 +94,7 @@ def test_every_figure_is_a_valid_png_linked_from_both_reports(finished_run):
         assert f"]({png.name})" in markdown and f"src='{png.name}'" in page
 
 
+@pytest.mark.slow
 def test_report_command_regenerates_the_same_report_without_any_model(finished_run, tmp_path, run_cli):
     copy = tmp_path / "run"
     shutil.copytree(finished_run, copy)
@@ -103,6 +108,7 @@ def test_report_command_regenerates_the_same_report_without_any_model(finished_r
     assert "7 figures" in result.stdout
 
 
+@pytest.mark.slow
 def test_report_on_a_folder_without_results_is_one_line(tmp_path, run_cli):
     result = run_cli("report", str(tmp_path))
     assert result.returncode == 2
@@ -126,6 +132,7 @@ def test_recovered_grouping_is_shown_next_to_the_natural_one():
     assert not same_partition(clusters["weights"]["groups"], clusters["natural"]["groups"])
 
 
+@pytest.mark.slow
 def test_superclass_table_shows_class_and_superclass_accuracy(finished_run):
     rows = load_run(finished_run)["rows"]
     table = superclass_table(rows, "test_efficientnet")
@@ -138,6 +145,7 @@ def test_superclass_table_shows_class_and_superclass_accuracy(finished_run):
     assert clusters["source"] == "confusion" and clusters["confusion"]["k"] == rows[0]["super_k"]
 
 
+@pytest.mark.slow
 def test_layer_sensitivity_is_the_accuracy_with_only_that_layer_quantized(finished_run):
     import timm
     from safetensors.torch import load_file

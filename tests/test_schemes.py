@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import BITS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -11,7 +12,6 @@ import bitsweep
 from bitsweep import BitsweepError
 
 AFFINE = ["asymmetric", "symmetric"]
-BITS = range(2, 9)
 
 
 def reference_fake_quant(w, qt):

@@ -5,34 +5,15 @@ import os
 import re
 import signal
 import subprocess
-import sys
-import textwrap
 import time
 
 import pytest
 import yaml
+from conftest import cli, make_distribution, stable, write_config
 
 from bitsweep import sweep as steps
+from bitsweep.cells import Cell, check_sweeps, plan_cells
 from bitsweep.config import load_config
-
-STABLE = ["model", "scheme", "bits", "policy", "status", "top1", "top5", "agreement", "kl", "params",
-          "quantized_layers", "bytes_stored", "entropy_bytes", "bytes_gzip", "bytes_7z", "bytes_zstd", "key"]
-
-
-def write_config(tmp_path, schemes=("asymmetric", "pow2"), bits=(8, 4), name="tiny", extra_models=()):
-    config = {"sweeps": [{
-        "name": name,
-        "models": [{"source": "trained", "name": "test_efficientnet", "epochs": 1, "batch_size": 64},
-                   *extra_models],
-        "dataset": {"name": "synthetic", "n": 256, "num_classes": 4, "size": 16},
-        "schemes": list(schemes), "bits": list(bits), "policies": ["full", {"keep_first": 1}],
-        "compressors": ["gzip", "zstd"],
-        "evaluation": {"latency_repeats": 3},
-        "output": str(tmp_path / "run"),
-    }]}
-    path = tmp_path / "flows.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def prefect_artifacts(flow_run_id):
@@ -43,10 +24,6 @@ def prefect_artifacts(flow_run_id):
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     return {a.key: a for a in found}
-
-
-def stable(rows):
-    return sorted(tuple(r.get(k) for k in STABLE) for r in rows)
 
 
 @pytest.fixture
@@ -64,6 +41,7 @@ def counted_steps(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_flow_rows_then_rerun_executes_no_step(tmp_path, monkeypatch, prefect_harness, counted_steps):
     from bitsweep.flows.sweep import sweep_flow
 
@@ -125,22 +103,10 @@ def register_schemes():
 '''
 
 
-def install_plugin(root):
-    info = root / "bitsweep_broken3-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: bitsweep-broken3\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[bitsweep]\nbroken3 = broken3\n")
-    (root / "broken3.py").write_text(textwrap.dedent(FAILING_PLUGIN))
-
-
-def cli(tmp_path, *args):
-    env = {**os.environ, "BITSWEEP_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(tmp_path / "site")}
-    return [sys.executable, "-m", "bitsweep", *args], env
-
-
+@pytest.mark.slow
 def test_failed_cell_is_recorded_others_finish_and_exit_is_nonzero(tmp_path):
     (tmp_path / "site").mkdir()
-    install_plugin(tmp_path / "site")
+    make_distribution(tmp_path / "site", "bitsweep-broken3", "broken3", FAILING_PLUGIN, version="1.0")
     config = write_config(tmp_path, schemes=("broken3",), bits=(8, 3))
     command, env = cli(tmp_path, "run", "--config", str(config))
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -155,6 +121,7 @@ def test_failed_cell_is_recorded_others_finish_and_exit_is_nonzero(tmp_path):
     assert sum(r["status"] == "ok" for r in rows) == 3
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_to_the_same_rows(tmp_path):
     (tmp_path / "site").mkdir()
     bits = (8, 6, 5, 4, 3)
@@ -185,6 +152,7 @@ def test_killed_sweep_resumes_to_the_same_rows(tmp_path):
     assert not list(resumed_dir.rglob("*.tmp")) or all(p.stat().st_size >= 0 for p in resumed_dir.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_kernel_paths_share_one_packed_file(tmp_path, monkeypatch, prefect_harness, counted_steps):
     from bitsweep.flows.sweep import sweep_flow
 
@@ -202,6 +170,7 @@ def test_kernel_paths_share_one_packed_file(tmp_path, monkeypatch, prefect_harne
     assert len(list((tmp_path / "run" / "packed").glob("*/model.safetensors"))) == 1
 
 
+@pytest.mark.slow
 def test_a_missing_dataset_fails_the_flow_before_any_cell(tmp_path, prefect_harness, counted_steps):
     """A deployment's run starts in the flow, not in `bitsweep run`: it too fails in one line, writing nothing."""
     from bitsweep import BitsweepError
@@ -214,17 +183,18 @@ def test_a_missing_dataset_fails_the_flow_before_any_cell(tmp_path, prefect_harn
         sweep_flow(config_path=str(tmp_path / "flows.yaml"))
     assert not any(counted_steps.values()) and not (tmp_path / "run").exists()
     # On an existing Dask cluster the data is where its workers are: this machine's files are not checked.
-    steps.check_sweeps(load_config(tmp_path / "flows.yaml").sweeps, data_here=False)
+    check_sweeps(load_config(tmp_path / "flows.yaml").sweeps, data_here=False)
 
 
 def test_plan_covers_the_grid(tmp_path):
     sweep = load_config(write_config(tmp_path, bits=(8, 6, 4))).sweeps[0]
-    cells = steps.plan_cells(sweep, "m")
+    cells = plan_cells(sweep, "m")
     assert len(cells) == 2 * 3 * 2 and len({c.label for c in cells}) == 12
-    assert steps.Cell(model="resnet18", scheme="pow2", bits=4, granularity="channel", group_size=None,
+    assert Cell(model="resnet18", scheme="pow2", bits=4, granularity="channel", group_size=None,
                       policy=sweep.policies[0]).label == "resnet18 pow2 4b"
 
 
+@pytest.mark.slow
 def test_recipes_are_an_axis_with_their_own_packed_files(tmp_path, monkeypatch, prefect_harness):
     from bitsweep.flows.sweep import sweep_flow
 
@@ -241,6 +211,7 @@ def test_recipes_are_an_axis_with_their_own_packed_files(tmp_path, monkeypatch, 
     assert {r["recipe"] for r in profile} == {"", "none", "mse"}
 
 
+@pytest.mark.slow
 def test_a_glob_runs_each_match_and_a_model_that_cannot_run_is_one_failed_row(tmp_path, monkeypatch, prefect_harness):
     """test_vit3 wants 160x160 images and the data is 16x16: its row says so; test_vit4 (named by the glob and
     again by name: it runs once) is swept; the flow then fails in one line, after writing every row."""
@@ -270,5 +241,5 @@ def test_a_glob_that_matches_nothing_or_too_much_is_refused_in_one_line(tmp_path
         config["sweeps"][0]["models"] = [glob]
         (tmp_path / "flows.yaml").write_text(yaml.safe_dump(config))
         with pytest.raises(BitsweepError, match=rf"^model glob '{re.escape(glob)}' {problem}") as refused:
-            steps.check_sweeps(load_config(tmp_path / "flows.yaml").sweeps)
+            check_sweeps(load_config(tmp_path / "flows.yaml").sweeps)
         assert "\n" not in str(refused.value)

@@ -23,6 +23,8 @@ from bitsweep.int8 import convert_int8
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from zoo import BATCH, CALIBRATION, INT8_COSINE, WEIGHT_ONLY_RTOL, build, cosines, inputs, trained_like  # noqa: E402
 
+pytestmark = pytest.mark.slow  # 70 timm families, a few seconds each
+
 BY_FAMILY = {entry["family"]: entry for entry in MODELS}
 # The families the suite runs, the quickest of bench/zoo.py's (a few seconds each at one thread); it runs them all.
 WEIGHT_ONLY = [
