@@ -22,6 +22,9 @@ from bitsweep.policy import Policy
 from bitsweep.registry import get_registry
 
 
+FP32_LOGITS = "fp32_logits.safetensors"  # in a model's folder: fp32 logits (and labels) on the evaluation data
+
+
 def _digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -11,7 +11,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from bitsweep.cells import ModelRecord
+from bitsweep.cells import FP32_LOGITS, ModelRecord
 from bitsweep.config import Sweep
 from bitsweep.registry import get_registry
 
@@ -43,4 +43,4 @@ def fp32_module(record: ModelRecord) -> torch.nn.Module:
 
 def fp32_logits(record: ModelRecord) -> dict[str, torch.Tensor]:
     """The fp32 model's logits on the evaluation data (and the labels, when the data has them)."""
-    return load_file(record.dir / "fp32_logits.safetensors")
+    return load_file(record.dir / FP32_LOGITS)

@@ -10,10 +10,11 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from bitsweep.cells import Cell, ModelRecord
+from bitsweep.cells import FP32_LOGITS, Cell, ModelRecord
 from bitsweep.cluster import superclass_scores
 from bitsweep.config import Sweep
 from bitsweep.files import atomic_path, write_json
+from bitsweep.loaded import fp32_logits
 from bitsweep.models import ModelSpec
 from bitsweep.profile import STATS
 
@@ -53,14 +54,14 @@ def add_superclass_scores(records: list[ModelRecord], rows: list[dict]) -> list[
         path = record.dir / "clusters.json"
         clusters = json.loads(path.read_text()) if path.exists() else {"source": None}
         if clusters["source"] is not None:
-            per_model[record.model] = (clusters, load_file(record.dir / "fp32_logits.safetensors"), record)
+            per_model[record.model] = (clusters, fp32_logits(record), record)
     scored = []
     for row in rows:
         if row["status"] != "ok" or row["model"] not in per_model:
             scored.append(row)
             continue
         clusters, reference, record = per_model[row["model"]]
-        logits_path = Path(row["logits"]) if row.get("logits") else record.dir / "fp32_logits.safetensors"
+        logits_path = Path(row["logits"]) if row.get("logits") else record.dir / FP32_LOGITS
         if not logits_path.exists():
             scored.append(row)
             continue

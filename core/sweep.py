@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from bitsweep.cells import Cell, ModelRecord, cell_dir, cell_key, model_dir, pack_dir
+from bitsweep.cells import FP32_LOGITS, Cell, ModelRecord, cell_dir, cell_key, model_dir, pack_dir
 from bitsweep.compile import load_packed
 from bitsweep.compress import compress_file
 from bitsweep.config import Sweep
@@ -68,7 +68,7 @@ def prepare_model(sweep: Sweep, spec: ModelSpec) -> ModelRecord:
         save_file({k: v.contiguous() for k, v in module.state_dict().items()}, tmp)
     data = eval_data(sweep, module)
     row, logits = _measure(sweep, module, data, None)
-    _save_logits(folder / "fp32_logits.safetensors", logits, data.labels)
+    _save_logits(folder / FP32_LOGITS, logits, data.labels)
     params = sum(p.numel() for p in module.parameters())
     fp32_bytes = weights.stat().st_size
     row |= {"sweep": sweep.name, "model": spec.id, "scheme": "fp32", "bits": 32, "granularity": "", "policy": "",
