@@ -14,13 +14,20 @@ output zeros or the branch invisible, and BatchNorm statistics at init do not de
 Each model is ``quantize_model(m, "asymmetric", 4)``, saved with ``save_packed`` and loaded back:
 
 - ``weight-only`` passes when its output is within ``WEIGHT_ONLY_RTOL`` (relative L2) of the fake-quant
-  model's: it computes the same float math from the same weights.
+  model's: it computes the same math from the same weights, in float32. The packed Linear kernels add
+  each row's zero point as ``z * sum(x)``, whose rounding on long rows is about ten times that of
+  PyTorch's own matrix product (3e-6 against 2.5e-7 per layer at 3072 inputs); a deep model adds it up
+  (gemma4_vit, 167M parameters: 1.4e-4), hence 5e-4 rather than 1e-4. tests/test_kernels.py bounds each
+  layer's rounding against float64.
 - ``int8`` (``load_packed(..., kernel="int8")``, compiled by inductor, activation ranges from a
-  calibration batch of the same distribution) passes when the cosine of its logits with the fake-quant
-  model's is at least ``INT8_COSINE`` for every input; ``refused`` when it raises ``BitsweepError`` with
-  a one-line message; anything else fails. The weights are exact on int8 (4-bit codes), so only the
-  activations' 8-bit rounding differs: healthy families measure 0.95-1.00 and the broken ones of issue 19
-  measured about 0 -- the threshold sits in that gap.
+  calibration batch of the same distribution) first has to compute the fake-quant model once its
+  activations are unrounded: ``convert_int8`` checks that itself (``FOLLOW_RTOL``) and refuses a graph a
+  torchao pattern got wrong. It then passes when its 8-bit activations move the output less than the
+  4-bit weights did (relative L2 against the fake-quant model, against the fp32 model): the weights are
+  exact on int8, so only the activations' rounding differs. Random weights make some deep families so
+  sensitive that 4-bit weights alone leave the output unrelated to fp32's (hardcorenas: 21x its norm),
+  so a fixed cosine threshold would judge the network, not the int8 path. ``refused`` when it raises
+  ``BitsweepError`` with a one-line message; anything else fails. The cosine is printed beside.
 
 Each family runs in its own process (a crash or a hang is that family's failure, not the bench's).
 """
@@ -41,12 +48,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bitsweep.evaluate import relative_error
+from machine import cpu_summary
+
 ROOT = Path(__file__).resolve().parent.parent
 MODELS_FILE = ROOT / "tests" / "zoo_models.py"
 TABLE_FILE = ROOT / "bench" / "zoo.md"
-SIDES = (32, 64, 96, 128)  # input sides tried, smallest first
+SIDES = (32, 56, 64, 96, 128)  # input sides tried, smallest first (56: patch-14 ViTs)
 BATCH, CALIBRATION = 2, 8  # images compared, and images setting the int8 activation ranges
-WEIGHT_ONLY_RTOL, INT8_COSINE = 1e-4, 0.9
+WEIGHT_ONLY_RTOL = 5e-4
 TIMEOUT = 900  # seconds per family
 
 
@@ -157,6 +167,12 @@ def cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return nn.functional.cosine_similarity(a.reshape(len(a), -1), b.reshape(len(b), -1), dim=1)
 
 
+def int8_follows(output: torch.Tensor, reference: torch.Tensor, fp32: torch.Tensor) -> bool:
+    """The int8 model's 8-bit activations moved the fake-quant model's output less than its 4-bit weights
+    moved fp32's."""
+    return relative_error(output, reference) <= relative_error(reference, fp32)
+
+
 def run_one(entry: dict, int8: str | None = "compiled") -> dict:
     """One family through both paths; the row of the table. ``int8``: ``compiled`` (the packed file on
     the int8 kernels), ``graph`` (``convert_int8``'s graph: what the kernels compute, without inductor's
@@ -172,7 +188,7 @@ def run_one(entry: dict, int8: str | None = "compiled") -> dict:
     fake = bitsweep.quantize_model(model, "asymmetric", 4)
     x = inputs(shape, BATCH, seed=1)
     with torch.no_grad():
-        reference = fake(x)
+        reference, fp32 = fake(x), model(x)
     row = {}
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.safetensors"
@@ -180,7 +196,7 @@ def run_one(entry: dict, int8: str | None = "compiled") -> dict:
         try:
             with torch.no_grad():
                 output = bitsweep.load_packed(path)(x)
-            row["rel_error"] = ((output - reference).norm() / reference.norm()).item()
+            row["rel_error"] = relative_error(output, reference)
             row["weight_only"] = "pass" if row["rel_error"] <= WEIGHT_ONLY_RTOL else "fail"
         except Exception as exc:
             row |= {"weight_only": "fail", "error": f"weight-only: {type(exc).__name__}: {exc}"}
@@ -195,7 +211,9 @@ def run_one(entry: dict, int8: str | None = "compiled") -> dict:
                     output = torch.cat([compiled(row_x[None]) for row_x in x])  # batch 1: the shape compiled
                 row["cosine"] = cosines(output, reference).min().item()
                 row["top1"] = (output.argmax(-1) == reference.argmax(-1)).float().mean().item()
-                row["int8"] = "pass" if row["cosine"] >= INT8_COSINE else "fail"
+                row["activation_error"] = relative_error(output, reference)
+                row["weight_error"] = relative_error(reference, fp32)
+                row["int8"] = "pass" if int8_follows(output, reference, fp32) else "fail"
             except BitsweepError as exc:
                 one_line = "\n" not in str(exc).strip()
                 row |= {"int8": "refused" if one_line else "fail", "error": f"int8: {exc}"}
@@ -233,17 +251,18 @@ def read_models() -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| family | model | params | input | weight-only | int8 | cosine | seconds |",
-             "|---|---|---:|---|---|---|---:|---:|"]
+    lines = ["| family | model | params | input | weight-only | int8 | cosine | int8 error | 4-bit error | seconds |",
+             "|---|---|---:|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
         size = "x".join(map(str, r["input"][1:])) if r.get("input") else "?"
-        cosine = f"{r['cosine']:.3f}" if r.get("cosine") is not None else ""
+        cosine, errors = (f"{r['cosine']:.3f}", f"{r['activation_error']:.3f} | {r['weight_error']:.3f}") \
+            if r.get("cosine") is not None else ("", " | ")
         params = f"{r['params'] / 1e6:.2f}M" if r.get("params") else "?"
         int8 = r.get("int8", "")
         if r.get("error"):
             int8 += f" ({r['error'][:120]})".replace("|", "/")
         lines.append(f"| {r['family']} | {r['model']} | {params} | {size} | {r['weight_only']} | {int8} | "
-                     f"{cosine} | {r['seconds']:.0f} |")
+                     f"{cosine} | {errors} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -261,6 +280,8 @@ def main() -> int:
     if args.one:
         print(json.dumps(run_one(json.loads(args.one), int8)))
         return 0
+    run = f"`bench/zoo.py --int8 {args.int8}`, {time.strftime('%Y-%m-%d')}, {cpu_summary()}"
+    print(run, flush=True)
     if args.select or not MODELS_FILE.exists():
         write_models(select())
     chosen = [e for e in read_models() if not args.families or e["family"] in args.families]
@@ -282,7 +303,7 @@ def main() -> int:
                f"{100 * works / max(len(rows), 1):.0f} % of the families")
     print(text, summary, sep="\n")
     if not args.families:
-        TABLE_FILE.write_text(f"# bench/zoo.py\n\n{summary}\n\n{text}\n")
+        TABLE_FILE.write_text(f"# bench/zoo.py\n\n{run}\n\n{summary}\n\n{text}\n")
     failed = any(r["weight_only"] != "pass" or r.get("int8") == "fail" for r in rows)
     return 1 if failed else 0
 

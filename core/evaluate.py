@@ -63,3 +63,10 @@ def run_with_hooks(model: nn.Module, inputs: torch.Tensor, names, hook) -> None:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """Relative L2 error of ``output`` against ``reference``, in float64 (norms of large activations
+    overflow float32)."""
+    output, reference = output.to(torch.float64), reference.to(torch.float64)
+    return ((output - reference).norm() / reference.norm()).item()

@@ -9,6 +9,11 @@ place of the observer's int8 weights, and compiles with inductor, which packs th
 for oneDNN. ViTs take the same static path: the quantizer's dynamic config (per-call activation
 ranges, as ``quantize_dynamic`` had) ran slower than static on ViT-tiny, slower even than fp32 (README).
 
+torchao's patterns get some graphs wrong (a BatchNorm folded into a conv whose output others read too,
+modules called twice, string padding); bitsweep rewrites those before quantizing, and then checks what
+is left: the converted graph with its activations unrounded must compute the fake-quant model
+(``FOLLOW_RTOL``), or the model is refused in one line rather than measured wrong.
+
 oneDNN takes symmetric per-channel int8 weights (zero point 0). Without VNNI its AVX2 kernels add
 uint8 x int8 products pairwise in int16, which saturates unless ``2 * a * |w|`` fits: activations
 get 8 bits (a <= 255) where a layer's codes are within +-64 (see ``weight_limit``), and 7 bits
@@ -30,6 +35,7 @@ import torch
 from torch import nn
 
 from bitsweep.errors import BitsweepError, first_line
+from bitsweep.evaluate import relative_error
 from bitsweep.kernels import cpu_flags
 from bitsweep.policy import QUANTIZABLE, quantizable_layers
 from bitsweep.schemes import AffineScheme, QuantizedTensor
@@ -38,7 +44,12 @@ from bitsweep.tracing import TRACING
 
 _WEIGHT_OPS = ("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.linear.default")
 _NORM_OPS = ("aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default")
+_PADDED_CONV_OPS = ("aten.conv1d.padding", "aten.conv2d.padding", "aten.conv3d.padding")
 _FIX = "use the weight-only path instead"
+# How far the int8 graph with its activations unrounded may be from the fake-quant model (relative L2):
+# the two differ only by float32 rounding (a folded BatchNorm, another summation order), which deep
+# sensitive networks amplify to ~1e-5; a wrong weight, fold or graph is off by 1e-2 and more.
+FOLLOW_RTOL = 1e-3
 
 
 class Int8Weight(NamedTuple):
@@ -198,9 +209,9 @@ def convert_int8(model: nn.Module, layers: dict[str, QuantizedTensor],
     default: the first calibration batch, else the model's own: see ``bitsweep.synthetic.input_size``).
     The graph carries ``int8_exact`` (quantized layer -> its codes are on int8 kernels unchanged; False
     means requantized per channel, lossy), ``fp32_layers`` (Conv/Linear layers computed in float: those
-    not in ``layers``, and any the quantizer has no pattern for) and ``bn_folds`` (layer -> the folded BatchNorm's factor
-    ``gamma / sqrt(var + eps)``: its int8 codes are ours, negated where the factor is negative, with
-    scale ``|s * factor|``).
+    not in ``layers``, weight-standardised ones, and any the quantizer has no pattern for) and
+    ``bn_folds`` (layer -> the folded BatchNorm's factor ``gamma / sqrt(var + eps)``: its int8 codes are
+    ours, negated where the factor is negative, with scale ``|s * factor|``).
     """
     prepare_pt2e, convert_pt2e, x86 = _pt2e()
     source = copy.deepcopy(model).eval()
@@ -214,14 +225,18 @@ def convert_int8(model: nn.Module, layers: dict[str, QuantizedTensor],
         warnings.simplefilter("ignore")  # export's and torchao's notices, one per op or layer
         graph = _export(source, example)
         _plain_sources(graph, source)
+        _plain_ops(graph)
+        keep |= _computed_weights(graph)
+        _norms_read_shared_convs_apart(graph)
         folds = _batchnorm_factors(graph, layers)
         quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
         _keep_in_float(quantizer, keep, x86)
         try:  # torchao reports graphs its patterns cannot take with several exception types
             prepared = prepare_pt2e(graph, quantizer)
             limits = _narrow_activations(prepared, _wide_layers(layers, weight_limit()))
+            batches = calibration or [synthesize(source, input_size)]
             with torch.no_grad():
-                for batch in calibration or [synthesize(source, input_size)]:
+                for batch in batches:
                     prepared(batch)
             converted = convert_pt2e(prepared)
         except (ValueError, AssertionError, RuntimeError, TypeError, KeyError) as exc:
@@ -229,6 +244,9 @@ def convert_int8(model: nn.Module, layers: dict[str, QuantizedTensor],
                                 f"({type(exc).__name__}: {' '.join(first_line(exc).split())[:200] or 'no message'}); "
                                 f"{_FIX}") from None
         converted.int8_exact = _install_weights(converted, layers, folds, limits)
+        exact_weights = {name: _folded(layers[name], folds.get(name)) for name, exact in converted.int8_exact.items()
+                         if not exact}  # the requantized layers' weights as the fake-quant model has them
+        _check_follows(unrounded_activations(converted, exact_weights), source, batches[0][:8], type(model).__name__)
     converted.bn_folds = {name: factor for name, factor in folds.items() if name in converted.int8_exact}
     converted.fp32_layers = tuple(name for name, _ in quantizable_layers(model) if name not in converted.int8_exact)
     return converted
@@ -258,23 +276,87 @@ def _export(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
 
 def _plain_sources(graph: torch.fx.GraphModule, model: nn.Module) -> None:
     """Record ops traced inside subclasses of Conv/Linear (timm's ``Conv2dSame``, ``Linear``) as from the
-    base class: the quantizer finds its patterns by exact module type and would leave them in float."""
-    modules = dict(model.named_modules())
+    base class: the quantizer finds its patterns by exact module type and would leave them in float. And
+    record each module call apart, as ``name@call`` from its second call on (a block's one ``self.relu``
+    after each conv; CoaT's convs shared by blocks), under the module's own name (``named_modules``, not
+    the path it was called through): the quantizer takes all ops of one module as one pattern, and
+    refuses the graph when that pattern has several outputs."""
+    names = {id(module): name for name, module in model.named_modules()}
+    paths = dict(model.named_modules(remove_duplicate=False))
+    calls = {}
     for node in graph.graph.nodes:
         stack = node.meta.get("nn_module_stack") if node.op == "call_function" else None
         if not stack:
             continue
-        key, (name, _) = list(stack.items())[-1]
-        module = modules.get(name)
+        key, (path, kind) = list(stack.items())[-1]
+        module = paths.get(path)
         base = next((b for b in QUANTIZABLE if isinstance(module, b)), None)
         if base is not None and type(module) is not base:
-            stack[key] = (name, f"{base.__module__}.{base.__qualname__}")
+            kind = f"{base.__module__}.{base.__qualname__}"
+        name = names.get(id(module), path)
+        seen = calls.setdefault(name, [])
+        if key not in seen:
+            seen.append(key)
+        stack[key] = (f"{name}@{seen.index(key)}" if seen.index(key) else name, kind)
+
+
+def _plain_ops(graph: torch.fx.GraphModule) -> None:
+    """Rewrite two ops the quantizer's patterns mistake: a convolution with string padding (``"same"``,
+    ``"valid"``: ``aten.conv2d.padding``, which it refuses as not a conv2d) as one with numbers, behind an
+    explicit pad where "same" is uneven; and an addition of the number 0 (fastvit's ``identity_out = 0``),
+    which a conv + add pattern takes for a residual and asserts is a tensor, as nothing."""
+    for node in list(graph.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if str(node.target) in _PADDED_CONV_OPS:
+            x, weight, *given = node.args
+            kernel = weight.meta["val"].shape[2:]
+            ones = [1] * len(kernel)
+            bias, stride, padding, dilation, groups = (*given, *(None, ones, "valid", ones, 1)[len(given):])
+            total = [d * (k - 1) if padding == "same" else 0 for d, k in zip(dilation, kernel)]
+            with graph.graph.inserting_before(node):
+                if any(t % 2 for t in total):  # F.pad's order: last dimension first, left then right
+                    pads = [p for t in reversed(total) for p in (t // 2, t - t // 2)]
+                    x = graph.graph.call_function(torch.ops.aten.constant_pad_nd.default, (x, pads, 0.0))
+                    x.meta = {k: v for k, v in node.meta.items() if k != "val"}
+                    total = [0] * len(kernel)
+                conv = getattr(torch.ops.aten, str(node.target).split(".")[1]).default
+                plain = graph.graph.call_function(conv, (x, weight, bias, stride, [t // 2 for t in total],
+                                                         dilation, groups))
+            plain.meta = dict(node.meta)
+            node.replace_all_uses_with(plain)
+            graph.graph.erase_node(node)
+        elif node.target is torch.ops.aten.add.Tensor and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1:
+            tensor = next((a for a, b in (node.args, node.args[::-1]) if isinstance(a, torch.fx.Node)
+                           and isinstance(b, (int, float)) and b == 0), None)
+            if tensor is not None and "val" in tensor.meta and tensor.meta["val"].dtype.is_floating_point:
+                node.replace_all_uses_with(tensor)
+                graph.graph.erase_node(node)
+    graph.recompile()
+
+
+def _norms_read_shared_convs_apart(graph: torch.fx.GraphModule) -> None:
+    """Stop pt2e folding a BatchNorm into a conv whose output has other readers too: torchao's fold
+    (``_fuse_conv_bn_``) does not check, and hands those readers the normalised output (CoAtNet's
+    stem feeds a block's pre-norm and its shortcut). A norm reading a folded norm's output counts,
+    since that output becomes the conv's (RepGhost's ``fusion_bn``). Such a norm reads a copy of the
+    output instead, and stays a BatchNorm of its own; ``_batchnorm_factors`` then sees no fold either."""
+    for node in list(graph.graph.nodes):
+        source = node.args[0] if node.op == "call_function" and str(node.target) in _NORM_OPS else None
+        if isinstance(source, torch.fx.Node) and str(source.target) in _WEIGHT_OPS[:3] + _NORM_OPS \
+                and len(source.users) > 1:
+            with graph.graph.inserting_after(source):
+                copied = graph.graph.call_function(torch.ops.aten.clone.default, (source,))
+            if "val" in source.meta:  # not the module stack: the copy is no part of the conv's pattern
+                copied.meta["val"] = source.meta["val"]
+            node.replace_input_with(source, copied)
+    graph.recompile()
 
 
 def _layer(node: torch.fx.Node) -> str | None:
-    """The module a graph node was traced in (its qualified name)."""
+    """The module a graph node was traced in (its qualified name, without ``_plain_sources``'s call)."""
     stack = node.meta.get("nn_module_stack")
-    return list(stack.values())[-1][0] if stack else None
+    return list(stack.values())[-1][0].partition("@")[0] if stack else None
 
 
 def _batchnorm_factors(graph: torch.fx.GraphModule, layers: dict[str, QuantizedTensor]) -> dict[str, torch.Tensor]:
@@ -294,6 +376,14 @@ def _batchnorm_factors(graph: torch.fx.GraphModule, layers: dict[str, QuantizedT
             factor = torch.rsqrt(var + eps)
             folds[_layer(source)] = factor if gamma is None else factor * gamma
     return folds
+
+
+def _computed_weights(graph: torch.fx.GraphModule) -> set[str]:
+    """Conv/Linear layers whose weight the forward computes from the parameter (timm's weight-standardised
+    ``StdConv2d`` in NFNets and ResNetV2 stems): pt2e quantizes the computed weight, which no codes of ours
+    describe, so these stay in float."""
+    return {_layer(node) for node in graph.graph.nodes if node.op == "call_function"
+            and str(node.target) in _WEIGHT_OPS and len(node.args) > 1 and node.args[1].op != "get_attr"}
 
 
 def _keep_in_float(quantizer, keep: set[str], x86) -> None:
@@ -344,21 +434,21 @@ def _narrow_activations(prepared: torch.fx.GraphModule, wide: set[str]) -> dict[
     return limits
 
 
-def _weight_nodes(graph: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
-    """Layer -> the ``dequantize_per_channel`` node of its int8 weight in a converted graph."""
+def _weight_nodes(graph: torch.fx.GraphModule) -> dict[str, list[torch.fx.Node]]:
+    """Layer -> the ``dequantize_per_channel`` nodes of its int8 weight in a converted graph (one per call)."""
     found = {}
     for node in graph.graph.nodes:
         if node.op == "call_function" and str(node.target) in _WEIGHT_OPS and len(node.args) > 1:
             weight = node.args[1]
             if isinstance(weight, torch.fx.Node) and "dequantize_per_channel" in str(weight.target):
-                found[_layer(node)] = weight
+                found.setdefault(_layer(node), []).append(weight)
     return found
 
 
 def int8_weights(graph: torch.fx.GraphModule) -> dict[str, Int8Weight]:
     """Layer -> the int8 weight constants a converted graph (``Int8Module.graph``) computes with."""
-    return {name: Int8Weight(*(getattr(graph, arg.target) for arg in node.args[:3]))
-            for name, node in _weight_nodes(graph).items()}
+    return {name: Int8Weight(*(getattr(graph, arg.target) for arg in nodes[0].args[:3]))
+            for name, nodes in _weight_nodes(graph).items()}
 
 
 def _install_weights(graph: torch.fx.GraphModule, layers: dict[str, QuantizedTensor],
@@ -367,7 +457,7 @@ def _install_weights(graph: torch.fx.GraphModule, layers: dict[str, QuantizedTen
     oneDNN (zero point 0, |code| <= the layer's limit: ``limits``, else ``weight_limit()``), else by our
     dequantized weights requantized per channel to that limit. Returns layer -> exact."""
     exact = {}
-    for name, node in _weight_nodes(graph).items():
+    for name, nodes in _weight_nodes(graph).items():
         qt, limit = layers[name], limits.get(name, weight_limit())
         column = (-1,) + (1,) * (qt.codes.dim() - 1)
         factor = folds.get(name, torch.ones(qt.codes.shape[0]))
@@ -375,18 +465,62 @@ def _install_weights(graph: torch.fx.GraphModule, layers: dict[str, QuantizedTen
         if weight is not None and not weight.zero_point.any():
             codes = weight.codes.to(torch.int32) * torch.where(factor < 0, -1, 1).reshape(column)
             weight = Int8Weight(codes, (weight.scale * factor).abs(), weight.zero_point)
-        folded = qt.dequantize().to(torch.float32) * factor.reshape(column)
-        observed = Int8Weight(*(getattr(graph, arg.target) for arg in node.args[:3]))
-        step = observed.scale.reshape(column)
-        if not ((folded - observed.dequantize()).abs() <= step * 0.51 + folded.abs() * 1e-5).all():
-            raise BitsweepError(f"layer {name!r}: pt2e's folded weight is not the fake-quant weight times its "
-                                f"BatchNorm factor (an unexpected fold); {_FIX}")
+        folded = _folded(qt, folds.get(name))
+        for node in nodes:
+            observed = Int8Weight(*(getattr(graph, arg.target) for arg in node.args[:3]))
+            step = observed.scale.reshape(column)
+            if not ((folded - observed.dequantize()).abs() <= step * 0.51 + folded.abs() * 1e-5).all():
+                raise BitsweepError(f"layer {name!r}: pt2e's folded weight is not the fake-quant weight times its "
+                                    f"BatchNorm factor (an unexpected fold); {_FIX}")
         exact[name] = weight is not None and not weight.zero_point.any() and int(weight.codes.abs().max()) <= limit
         if not exact[name]:  # lossy: the fake-quant weight (BatchNorm folded) rounded to the widest fitting codes
             scale = folded.reshape(folded.shape[0], -1).abs().amax(1).div(limit).clamp_min(torch.finfo().tiny)
             codes = (folded / scale.reshape(column)).round().clamp(-limit, limit)
             weight = Int8Weight(codes, scale, torch.zeros_like(scale, dtype=torch.int32))
-        for arg, value in zip(node.args[:3], (weight.codes.to(torch.int8), weight.scale.to(torch.float32),
-                                              weight.zero_point.to(torch.int64))):
-            setattr(graph, arg.target, value.contiguous())
+        for node in nodes:
+            for arg, value in zip(node.args[:3], (weight.codes.to(torch.int8), weight.scale.to(torch.float32),
+                                                  weight.zero_point.to(torch.int64))):
+                setattr(graph, arg.target, value.contiguous())
     return exact
+
+
+def unrounded_activations(graph: torch.fx.GraphModule,
+                          weights: dict[str, torch.Tensor] | None = None) -> torch.fx.GraphModule:
+    """A copy of a converted graph whose activations skip their quantize/dequantize pairs, and whose layers
+    named in ``weights`` compute with those float weights instead of their int8 ones: with the fake-quant
+    weights of the layers requantized (lossy), the int8 model then must compute the fake-quant model."""
+    plain = copy.deepcopy(graph)
+    for node in list(plain.graph.nodes):
+        if node.op == "call_function" and "quantize_per_tensor" in str(node.target) \
+                and "dequantize" not in str(node.target):
+            for user in list(node.users):
+                if "dequantize_per_tensor" in str(user.target):
+                    user.replace_all_uses_with(node.args[0])
+    for layer, nodes in _weight_nodes(plain).items():
+        if layer in (weights or {}):
+            target = f"exact_weight_{len(list(plain.buffers()))}"
+            plain.register_buffer(target, weights[layer])
+            for node in nodes:
+                with plain.graph.inserting_before(node):
+                    node.replace_all_uses_with(plain.graph.get_attr(target))
+    plain.graph.eliminate_dead_code()
+    plain.recompile()
+    return plain
+
+
+def _folded(qt: QuantizedTensor, factor: torch.Tensor | None) -> torch.Tensor:
+    """The fake-quant weight with its BatchNorm factor folded in, as pt2e folds it."""
+    weight = qt.dequantize().to(torch.float32)
+    return weight if factor is None else weight * factor.reshape((-1,) + (1,) * (weight.dim() - 1))
+
+
+def _check_follows(plain: torch.fx.GraphModule, model: nn.Module, batch: torch.Tensor, name: str) -> None:
+    """Refuse a graph that, activation rounding and requantized weights aside (``plain``: see
+    ``unrounded_activations``), does not compute ``model``: what a quantizer pattern got wrong (a fold
+    into a conv whose output others read too, say) must not become a row."""
+    with torch.no_grad():
+        error = relative_error(plain(batch), model(batch))
+    if not error <= FOLLOW_RTOL:
+        raise BitsweepError(f"the int8 graph of {name} does not compute the fake-quant model even with exact "
+                            f"activations (relative error {error:.1e} > {FOLLOW_RTOL:g}): a torchao pattern "
+                            f"this model trips; {_FIX}")

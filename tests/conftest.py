@@ -28,6 +28,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from bitsweep.evaluate import relative_error  # noqa: E402,F401  (the tests import it from here)
+
 SCHEMES = ("asymmetric", "symmetric", "pow2")  # the built-in schemes
 BITS = range(2, 9)  # every width they take
 
@@ -35,13 +37,6 @@ BITS = range(2, 9)  # every width they take
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: starts a server, a CLI subprocess, a Dask cluster or Chromium, runs the "
                                        "timm zoo or an inductor compilation; `-m 'not slow'` leaves it out")
-
-
-def relative_error(output, reference):
-    """Relative L2 error of ``output`` against ``reference``, in float64 (norms of large activations overflow
-    float32)."""
-    output, reference = output.double(), reference.double()
-    return ((output - reference).norm() / reference.norm()).item()
 
 
 STABLE = ["model", "scheme", "bits", "policy", "status", "top1", "top5", "agreement", "kl", "params",

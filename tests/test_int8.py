@@ -10,7 +10,8 @@ from torch import nn
 
 import bitsweep
 from bitsweep.errors import BitsweepError
-from bitsweep.int8 import convert_int8, int8_weight, int8_weights, to_int8, weight_limit
+from bitsweep.int8 import (Int8Weight, convert_int8, int8_weight, int8_weights, to_int8, unrounded_activations,
+                           weight_limit)
 
 EXACT = [(scheme, bits, granularity)
          for scheme, widths in (("asymmetric", range(2, 9)), ("symmetric", range(2, 9)), ("pow2", range(2, 5)))
@@ -182,6 +183,88 @@ def test_data_free_ranges_need_no_data_and_are_seeded(small, batches, monkeypatc
         output = first(batches[0])
         assert torch.equal(output, second(batches[0]))
         assert relative_error(output, fake(batches[0])) < 0.1  # ranges from synthetic inputs, not these
+
+
+class Reused(nn.Module):
+    """What torchao's patterns used to refuse: one ReLU called after two convs (timm's ``self.relu``), a conv
+    called twice (CoaT's shared position encodings), "same" padding of an even kernel (ConvMixer's is odd)
+    and a conv output plus the number 0 before a ReLU (FastViT's ``identity_out = 0``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 4, padding="same")
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.shared = nn.Conv2d(8, 8, 1)
+        self.relu = nn.ReLU()
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.relu(self.conv1(x))
+        x = self.relu(self.conv2(x) + 0)
+        return self.head(self.shared(self.shared(x)).mean((2, 3)))
+
+
+def test_reused_modules_and_odd_ops_convert_with_our_codes(batches):
+    fake = bitsweep.quantize_model(Reused().eval(), "symmetric", 4)
+    graph = convert_int8(fake, fake.quantized_layers, batches)
+    held = int8_weights(graph)
+    assert set(held) == set(fake.quantized_layers) and all(graph.int8_exact.values()) and graph.fp32_layers == ()
+    for name, qt in fake.quantized_layers.items():
+        assert torch.equal(bits_of(held[name].dequantize()), bits_of(qt.dequantize())), name
+    shared = bits_of(fake.quantized_layers["shared"].dequantize())
+    calls = [node for node in graph.graph.nodes if "dequantize_per_channel" in str(node.target) and torch.equal(
+        bits_of(Int8Weight(*(getattr(graph, arg.target) for arg in node.args[:3])).dequantize()), shared)]
+    assert len(calls) == 2  # both calls of the shared conv hold our codes
+    with torch.no_grad():
+        assert relative_error(graph(batches[0]), fake(batches[0])) < 0.05
+
+
+class SharedOutputs(nn.Module):
+    """BatchNorms pt2e must not fold: one reads a conv whose output also takes the shortcut (CoAtNet's stem
+    and pre-norm), one reads a folded BatchNorm's output that a conv reads too (RepGhost's ``fusion_bn``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pre_norm = nn.BatchNorm2d(8)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.primary = nn.Conv2d(8, 8, 1)
+        self.norm = nn.BatchNorm2d(8)
+        self.cheap = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.fusion_bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 5)
+        with torch.no_grad():
+            for norm in (self.pre_norm, self.norm, self.fusion_bn):
+                norm.weight.uniform_(0.5, 2.0)
+                norm.bias.uniform_(-1.0, 1.0)
+                norm.running_mean.uniform_(-0.5, 0.5)
+                norm.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.conv(torch.relu(self.pre_norm(x)))
+        x1 = self.norm(self.primary(x))
+        x = self.cheap(x1) + self.fusion_bn(x1)
+        return self.head(x.mean((2, 3)))
+
+
+def test_norms_of_shared_outputs_stay_apart(batches):
+    fake = bitsweep.quantize_model(SharedOutputs().eval(), "symmetric", 4)
+    graph = convert_int8(fake, fake.quantized_layers, batches)
+    with torch.no_grad():
+        assert relative_error(unrounded_activations(graph)(batches[0]), fake(batches[0])) < 1e-5
+        assert relative_error(graph(batches[0]), fake(batches[0])) < 0.05
+
+
+def test_a_graph_that_does_not_compute_the_model_is_refused(batches, monkeypatch):
+    """torchao's own fold, unchecked (as before ``_norms_read_shared_convs_apart``), hands the shortcut the
+    normalised output: ``convert_int8`` notices and refuses in one line rather than return that graph."""
+    monkeypatch.setattr("bitsweep.int8._norms_read_shared_convs_apart", lambda graph: None)
+    fake = bitsweep.quantize_model(SharedOutputs().eval(), "symmetric", 4)
+    with pytest.raises(BitsweepError, match=r"int8 graph of SharedOutputs does not compute the fake-quant model "
+                                            r"even with exact activations \(relative error") as refused:
+        convert_int8(fake, fake.quantized_layers, batches)
+    assert "\n" not in str(refused.value)
 
 
 class Branchy(nn.Module):

@@ -5,8 +5,8 @@ weights behave like trained ones first (no zero heads, BatchNorm statistics of r
 weight-only path must reproduce the fake-quant model (the independent reference: plain PyTorch on
 dequantized weights) to float32 rounding. The int8 path is checked on the converted pt2e graph
 (``convert_int8``), which computes what the compiled kernels do (tests/test_int8.py checks that)
-without an inductor compilation per family: it must follow the fake-quant model (cosine of logits
->= bench/zoo.py's ``INT8_COSINE``) or refuse in one line.
+without an inductor compilation per family: its 8-bit activations must move the fake-quant model's
+output less than the 4-bit weights moved fp32's (bench/zoo.py's ``int8_follows``).
 """
 
 import sys
@@ -17,11 +17,10 @@ import torch
 from zoo_models import MODELS
 
 import bitsweep
-from bitsweep.errors import BitsweepError
 from bitsweep.int8 import convert_int8
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from zoo import BATCH, CALIBRATION, INT8_COSINE, WEIGHT_ONLY_RTOL, build, cosines, inputs, trained_like  # noqa: E402
+from zoo import BATCH, CALIBRATION, WEIGHT_ONLY_RTOL, build, inputs, int8_follows, trained_like  # noqa: E402
 
 pytestmark = pytest.mark.slow  # 70 timm families, a few seconds each
 
@@ -37,9 +36,8 @@ WEIGHT_ONLY = [
     "starnet", "swiftformer", "swin_transformer_v2_cr", "visformer", "vision_transformer",
     "vision_transformer_hybrid", "vision_transformer_relpos", "vovnet", "xcit",
 ]
-INT8 = ["convnext", "edgenext", "efficientnet", "mobilevit", "resnet", "vision_transformer"]
-INT8_REFUSED = {"nfnet": "stem.conv1",  # family -> what the one-line refusal names: a weight-standardised conv,
-                "dla": "int8 quantizer cannot take DLA"}  # a graph torchao's patterns cannot partition
+# dla calls one ReLU after several convs (torchao's patterns once refused it); nfnet's convs are weight-standardised
+INT8 = ["convnext", "dla", "edgenext", "efficientnet", "mobilevit", "nfnet", "resnet", "vision_transformer"]
 
 
 @pytest.fixture(autouse=True)
@@ -79,15 +77,9 @@ def test_weight_only_reproduces_the_fake_quant_model(family, tmp_path):
 
 @pytest.mark.parametrize("family", INT8)
 def test_int8_graph_follows_the_fake_quant_model(family):
-    _, _, fake, x = fake_quantized(family)
+    _, model, fake, x = fake_quantized(family)
     graph = convert_int8(fake, fake.quantized_layers, [inputs(x.shape[1:], CALIBRATION, seed=2)])
     with torch.no_grad():
-        assert cosines(graph(x), fake(x)).min() >= INT8_COSINE
-
-
-@pytest.mark.parametrize("family", sorted(INT8_REFUSED))
-def test_int8_refuses_in_one_line(family):
-    _, _, fake, x = fake_quantized(family)
-    with pytest.raises(BitsweepError, match=INT8_REFUSED[family]) as refused:
-        convert_int8(fake, fake.quantized_layers, [inputs(x.shape[1:], CALIBRATION, seed=2)])
-    assert "\n" not in str(refused.value).strip()
+        assert int8_follows(graph(x), fake(x), model(x))
+    if family == "nfnet":  # pt2e would quantize the standardised weight, not our codes: kept in float
+        assert "stem.conv1" in graph.fp32_layers and "stem.conv1" not in graph.int8_exact

@@ -16,7 +16,7 @@ MODELS = [
     {'family': 'cspnet', 'model': 'cs3darknet_focus_s', 'kwargs': {}, 'input': (3, 32, 32), 'params': 3274728},
     {'family': 'cspnext', 'model': 'cspnext_tiny', 'kwargs': {}, 'input': (3, 32, 32), 'params': 2733700},
     {'family': 'davit', 'model': 'davit_tiny', 'kwargs': {}, 'input': (3, 32, 32), 'params': 28360168},
-    {'family': 'deepseek_vit', 'model': 'deepseek_vit_412m', 'kwargs': {}, 'input': (3, 546, 546), 'params': 411842560},
+    {'family': 'deepseek_vit', 'model': 'deepseek_vit_412m', 'kwargs': {}, 'input': (3, 56, 56), 'params': 411842560},
     {'family': 'deit', 'model': 'deit_tiny_patch16_224', 'kwargs': {'img_size': 32}, 'input': (3, 32, 32), 'params': 5717416},
     {'family': 'densenet', 'model': 'densenet121', 'kwargs': {}, 'input': (3, 32, 32), 'params': 7978856},
     {'family': 'dla', 'model': 'dla46x_c', 'kwargs': {}, 'input': (3, 32, 32), 'params': 1068440},
