@@ -27,6 +27,7 @@ import bitsweep
 from bitsweep.evaluate import accuracy, fidelity, predict
 from bitsweep.models import LoadContext, ModelSpec
 from bitsweep.registry import get_registry
+from bitsweep.synthetic import SyntheticSettings, synthetic_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMES = ("asymmetric", "symmetric", "pow2")
@@ -89,21 +90,28 @@ def _evaluate(label, loaded, data, quantized, batch_size, folder: Path, referenc
     return row
 
 
-def measure(label, loaded, data, schemes, recipes, widths, batch_size, folder: Path, budgets=()) -> list[dict]:
+def measure(label, loaded, data, schemes, recipes, widths, batch_size, folder: Path, budgets=(),
+            settings: SyntheticSettings | None = None) -> list[dict]:
     """One row per (scheme, recipe, bits): top-1 (labelled data) or agreement/KL with fp32, on the packed model;
     per budget, also per (scheme, recipe) with the policy ``{allocate: true}``: the widths ``allocate`` picks per
-    layer for that average (``average_bits``)."""
+    layer for that average (``average_bits``). The synthetic set (``settings``) is made first, and timed."""
     reference, _ = predict(loaded.module, data.images, batch_size)
     fp32 = accuracy(reference, data.labels)
     rows = [{"model": label, "scheme": "fp32", "recipe": "", "bits": 32, **fp32, "agreement": 100.0, "kl": 0.0,
              "seconds": 0.0}]
     print(f"{label}: fp32 " + (f"top-1 {fp32['top1']:.2f}" if fp32 else "(label-free)"), flush=True)
+    start = time.perf_counter()
+    made = synthetic_inputs(loaded.module, settings)
+    print(f"{label}: synthetic data {len(made)} images of {tuple(made.shape[1:])}, "
+          f"{(settings or SyntheticSettings()).steps} steps: {time.perf_counter() - start:.1f} s "
+          "(0 when cached; every recipe below uses it)", flush=True)
     for scheme in schemes:
         plans = [(bits, None) for bits in widths] + [(budget, {"allocate": True}) for budget in budgets]
         for bits, policy in plans:
             for recipe in recipes:
                 start = time.perf_counter()
-                quantized = bitsweep.quantize_model(loaded.module, scheme, bits, policy=policy, recipe=recipe)
+                quantized = bitsweep.quantize_model(loaded.module, scheme, bits, policy=policy, recipe=recipe,
+                                                    synthetic=settings)
                 seconds = time.perf_counter() - start
                 chosen = {name: qt.bits for name, qt in quantized.quantized_layers.items()}
                 sizes = {name: qt.codes.numel() for name, qt in quantized.quantized_layers.items()}
@@ -180,7 +188,10 @@ def main() -> int:
     parser.add_argument("--budget", type=int, default=None,
                         help="also quantize with the per-layer widths bitsweep.allocate picks for this average "
                              f"(default: {BUDGETS})")
+    parser.add_argument("--synthetic", default=None, metavar="IMAGES,STEPS",
+                        help="the synthetic set the recipes use (default: bitsweep's, see README 'Synthetic data')")
     args = parser.parse_args()
+    settings = SyntheticSettings(*(int(v) for v in args.synthetic.split(","))) if args.synthetic else None
     widths = [int(b) for b in args.bits.split(",")] if args.bits else ([8, 6, 4, 3] if args.quick else list(BITS))
     names = args.recipes.split(",") if args.recipes else (
         ["naive", "mse", "bias", "dfq"] if args.quick else ["naive", *bitsweep.recipes()])
@@ -200,7 +211,7 @@ def main() -> int:
         for kind, (label, loaded, data) in sources:
             budgets = (args.budget,) if args.budget is not None else BUDGETS[kind]
             rows += measure(label, loaded, data, schemes, recipes, widths, 8 if kind == "lite0" else 500, Path(tmp),
-                            budgets)
+                            budgets, settings)
     table(rows)
     missed = check(rows)
     for line in missed:

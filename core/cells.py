@@ -16,7 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from bitsweep import __version__
-from bitsweep.config import Sweep
+from bitsweep.config import Sweep, Synthetic
 from bitsweep.models import ModelSpec
 from bitsweep.policy import Policy
 from bitsweep.registry import get_registry
@@ -53,6 +53,12 @@ class Cell(BaseModel):
     policy: Policy
     recipe: str = "none"
     kernel: str = "weight-only"
+    synthetic: Synthetic | None = None  # set where the cell uses synthetic data and the sweep's are not the default
+
+    @property
+    def uses_synthetic(self) -> bool:
+        """Whether quantizing this cell runs a data-free step (a recipe, or ``allocate``)."""
+        return self.recipe != "none" or self.policy.allocate
 
     @property
     def packing(self) -> Cell:
@@ -103,11 +109,14 @@ def check_sweeps(sweeps: list[Sweep], data_here: bool = True) -> None:
 
 
 def plan_cells(sweep: Sweep, model: str) -> list[Cell]:
-    return [Cell(model=model, scheme=scheme, bits=bits, granularity=granularity,
-                 group_size=sweep.group_size if granularity == "group" else None, policy=policy, recipe=recipe,
-                 kernel=kernel)
-            for scheme in sweep.schemes for bits in sweep.bits for granularity in sweep.granularity
-            for policy in sweep.policies for recipe in sweep.recipes for kernel in sweep.kernels]
+    cells = [Cell(model=model, scheme=scheme, bits=bits, granularity=granularity,
+                  group_size=sweep.group_size if granularity == "group" else None, policy=policy, recipe=recipe,
+                  kernel=kernel)
+             for scheme in sweep.schemes for bits in sweep.bits for granularity in sweep.granularity
+             for policy in sweep.policies for recipe in sweep.recipes for kernel in sweep.kernels]
+    if sweep.synthetic == Synthetic():  # the default: cells keep the keys they had before the setting existed
+        return cells
+    return [cell.model_copy(update={"synthetic": sweep.synthetic}) if cell.uses_synthetic else cell for cell in cells]
 
 
 def model_dir(sweep: Sweep, spec: ModelSpec) -> Path:
@@ -122,7 +131,8 @@ def find_record(sweep: Sweep, spec: ModelSpec) -> ModelRecord | None:
 
 
 def cell_key(record: ModelRecord, cell: Cell) -> str:
-    return _digest(record.weights_hash, record.data_hash, cell.model_dump(mode="json"), __version__)
+    fields = cell.model_dump(mode="json", exclude={"synthetic"} if cell.synthetic is None else set())
+    return _digest(record.weights_hash, record.data_hash, fields, __version__)
 
 
 def cell_dir(sweep: Sweep, record: ModelRecord, cell: Cell) -> Path:

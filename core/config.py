@@ -14,6 +14,7 @@ from bitsweep.models import ModelSpec
 from bitsweep.policy import Policy
 from bitsweep.registry import get_registry
 from bitsweep.schemes import GRANULARITIES, MAX_BITS, MIN_BITS
+from bitsweep.synthetic import STEPS, SyntheticSettings
 
 DEFAULT_CONFIG = Path("flows.yaml")
 
@@ -105,6 +106,17 @@ class Sensitivity(_Strict):
     schemes: list[SchemeName] | None = Field(None, description="schemes to try (default: the sweep's first)")
 
 
+class Synthetic(_Strict):
+    """The synthetic images every data-free step uses (recipes, ``allocate``): how many, optimised how long."""
+
+    images: int | None = Field(None, ge=1, description="images to synthesise (default: as many as 8 images of "
+                                                       "224 x 224 hold in pixels, at most 1024)")
+    steps: int = Field(STEPS, ge=0, description="Adam steps matching each batch to the BatchNorm statistics")
+
+    def settings(self) -> SyntheticSettings:
+        return SyntheticSettings(images=self.images, steps=self.steps)
+
+
 class Sweep(_Strict):
     """One grid: models x schemes x bits x granularity x policies, on one dataset."""
 
@@ -122,6 +134,7 @@ class Sweep(_Strict):
     evaluation: Evaluation = Evaluation()
     clustering: Clustering = Clustering()
     sensitivity: Sensitivity = Sensitivity()
+    synthetic: Synthetic = Synthetic()
     output: Path | None = None
 
     @model_validator(mode="after")

@@ -3,8 +3,9 @@
 A recipe gets the fp32 model and what to quantize it to and returns what ``quantize_model``
 returns: a fake-quantized copy whose ``quantized_layers`` hold the scheme's own codes and
 scales, so the packed file and the kernels work unchanged. Recipes only ever move the scales
-(clipping), the fp32 weights before rounding (folding, equalization) or the unquantized
-tensors after it (bias correction, channel tuning); no recipe sees a real image.
+(clipping), the fp32 weights before rounding (folding, equalization), which of the scheme's levels
+a weight rounds to (GPTQ, AdaRound) or the unquantized tensors after it (bias correction, channel
+tuning); no recipe sees a real image.
 
 ``Pipeline`` assembles the built-in recipes from the steps here and in ``bitsweep.equalize``.
 """
@@ -18,6 +19,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
+from bitsweep.adaround import adaround
 from bitsweep.equalize import equalize, fold_batchnorm
 from bitsweep.errors import BitsweepError
 from bitsweep.evaluate import run_with_hooks
@@ -186,16 +188,22 @@ def correct_bias(reference: nn.Module, quantized: nn.Module, inputs: torch.Tenso
 
 class Pipeline(Recipe):
     """A recipe made of optional steps, in this order: fold BatchNorm, equalize, round (plain or with
-    an Lp clipping search; then, with ``error_feedback``, GPTQ on that grid), correct biases
-    (``bias_correction``: ``"layer"`` or ``"sequential"``), tune the channel parameters (``tune``; only
-    for models with BatchNorm: without it the synthetic inputs are noise)."""
+    an Lp clipping search; then, on that grid, GPTQ with ``error_feedback`` or AdaRound with
+    ``learned_rounding``: ``True``, or a dict of ``adaround.learn_rounding``'s keyword options), correct
+    biases (``bias_correction``: ``"layer"`` or ``"sequential"``), tune the channel parameters (``tune``;
+    only for models with BatchNorm: without it the synthetic inputs are noise)."""
 
     def __init__(self, name: str, description: str, *, fold: bool = False, equalize: bool = False,
-                 clip_p: float | None = None, error_feedback: bool = False, bias_correction: str | None = None,
-                 tune: bool = False):
+                 clip_p: float | None = None, error_feedback: bool = False, learned_rounding: bool | dict = False,
+                 bias_correction: str | None = None, tune: bool = False):
         if bias_correction not in (None, "layer", "sequential"):
             raise BitsweepError(f"recipe {name!r}: bias_correction {bias_correction!r} is not understood; "
                                 "use None, 'layer' or 'sequential'")
+        self.learned_rounding = dict(learned_rounding) if isinstance(learned_rounding, dict) else (
+            {} if learned_rounding else None)
+        if error_feedback and self.learned_rounding is not None:
+            raise BitsweepError(f"recipe {name!r}: error_feedback and learned_rounding each choose the codes "
+                                "from the nearest levels; use one of them")
         self.name, self.description = name, description
         self.fold, self.equalize = fold or equalize, equalize
         self.clip_p, self.error_feedback, self.bias_correction = clip_p, error_feedback, bias_correction
@@ -213,8 +221,14 @@ class Pipeline(Recipe):
             if self.equalize:
                 quantized_names = set(policy.plan([name for name, _ in quantizable_layers(work)], spec.bits))
                 equalize(work, spec.granularity, bounds, quantized_names)
-        target = copy.deepcopy(work) if self.bias_correction or self.tune else work  # work stays fp32
-        rounding = self._with_feedback(model, work, target, spec, policy) if self.error_feedback else self.rounding
+        needs_fp32 = self.bias_correction or self.tune or self.learned_rounding is not None
+        target = copy.deepcopy(work) if needs_fp32 else work  # work stays fp32
+        if self.error_feedback:
+            rounding = self._with_feedback(model, work, target, spec, policy)
+        elif self.learned_rounding is not None:
+            rounding = self._learned(model, work, target)
+        else:
+            rounding = self.rounding
         quantized = quantize_layers(target, spec, policy, rounding)
         if self.bias_correction and quantized.quantized_layers:
             # Synthesised for the input model: folding keeps the function, not the norms' statistics.
@@ -230,3 +244,12 @@ class Pipeline(Recipe):
                                 policy.plan([name for name, _ in quantizable_layers(work)], spec.bits))
         layer_of = {id(layer.weight): name for name, layer in quantizable_layers(target)}
         return lambda w, *args: error_feedback(w, moments[layer_of[id(w)]], self.rounding(w, *args))
+
+    def _learned(self, model, work, target):
+        """This recipe's rounding followed by AdaRound, for ``target``'s layers as ``quantize_layers`` reaches
+        them in order: each layer's input comes from ``target`` with the layers before it quantized, its
+        target output from ``work`` (fp32, after folding), on inputs synthesised for ``model``."""
+        inputs = synthetic_inputs(model)
+        layer_of = {id(layer.weight): name for name, layer in quantizable_layers(target)}
+        return lambda w, *args: adaround(work, target, layer_of[id(w)], inputs, self.rounding(w, *args),
+                                         **self.learned_rounding)

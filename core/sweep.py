@@ -31,6 +31,7 @@ from bitsweep.policy import quantizable_layers
 from bitsweep.quantize import quantize_model
 from bitsweep.registry import get_registry
 from bitsweep.results import identity
+from bitsweep.synthetic import synthetic_inputs
 from bitsweep.tracing import TRACING, uses_models
 
 CALIBRATION_IMAGES = 16
@@ -107,7 +108,8 @@ def quantize_cell(sweep: Sweep, record: ModelRecord, cell: Cell) -> dict:
         return json.loads((folder / "packed.json").read_text()) | {"packed": str(path)}
     with get_registry().blame("scheme", cell.scheme):  # a plugin's bug fails the cell, naming the plugin
         quantized = quantize_model(fp32_module(record), cell.scheme, cell.bits, cell.granularity, cell.policy,
-                                   group_size=cell.group_size, recipe=None if cell.recipe == "none" else cell.recipe)
+                                   group_size=cell.group_size, recipe=None if cell.recipe == "none" else cell.recipe,
+                                   synthetic=cell.synthetic and cell.synthetic.settings())
     save_packed(quantized, path, record.arch, record.arch_kwargs)
     info = {"packed": str(path), "quantized_layers": len(quantized.quantized_layers),
             "bytes_stored": path.stat().st_size, "entropy_bytes": code_entropy_bytes(quantized)}
@@ -125,6 +127,14 @@ def profile_cell(sweep: Sweep, record: ModelRecord, cell: Cell, packed: str) -> 
         write_json(path, profile_layers(_fp32_weights(record), quantized))
     whole = json.loads(path.read_text())[-1]
     return {"sqnr_db": whole["sqnr_db"], "zero_fraction": whole["zero_fraction"], "profile": str(path)}
+
+
+@uses_models
+def synthesize_data(sweep: Sweep, record: ModelRecord) -> dict:
+    """The synthetic images the model's data-free cells will use, made (or found in the cache) once, before
+    the cells run in parallel: on every core, and not once per cell waiting on the first."""
+    inputs = synthetic_inputs(fp32_module(record), sweep.synthetic.settings())
+    return {"images": len(inputs), "steps": sweep.synthetic.steps}
 
 
 def compile_kernels() -> dict:

@@ -14,6 +14,7 @@ def prefect_environment() -> None:
                 "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
                 "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
                 "PREFECT_LOGGING_HANDLERS_CONSOLE_FLOW_RUNS_LEVEL": "CRITICAL",
-                "PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL": "CRITICAL"}
+                "PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL": "CRITICAL",
+                "PREFECT_LOGGING_EXTRA_LOGGERS": "bitsweep"}  # e.g. synthetic data's progress, in its task's logs
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

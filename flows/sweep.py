@@ -1,6 +1,6 @@
 """The sweep as a Prefect flow, shaped like the pipeline:
 
-    load model ─► fp32 baseline ─► profile fp32 ─► cluster classes ─► compile kernels
+    load model ─► fp32 baseline ─► profile fp32 ─► cluster classes ─► synthesize data ─► compile kernels
       ─► for each packed file, in parallel: quantize+pack ─► compress ─► profile ─► evaluate each kernel ─► rows
       ─► results ─► report
 
@@ -93,6 +93,11 @@ def quantize(sweep: Sweep, record: ModelRecord, packing: Cell, cells: list[Cell]
 @_task
 def profile_model(sweep: Sweep, record: ModelRecord) -> dict:
     return steps.profile_model(sweep, record)
+
+
+@_task
+def synthesize(sweep: Sweep, record: ModelRecord) -> dict:
+    return _timed(steps.synthesize_data, sweep, record)
 
 
 @_task
@@ -197,6 +202,8 @@ def run_sweep(sweep: Sweep, budget: MemoryBudget | None = None) -> list[dict]:
     for record in records:
         profile_model.with_options(task_run_name=f"profile {record.model} fp32")(sweep, record)
         cluster_classes.with_options(task_run_name=f"cluster classes {record.model}")(sweep, record)
+        if any(cell.uses_synthetic for cell in plan_cells(sweep, record.model)):
+            synthesize.with_options(task_run_name=f"synthesize data {record.model}")(sweep, record)
     sensitivities = [layer_sensitivity.with_options(task_run_name=f"layer sensitivity {record.model}")
                      .submit(sweep, record) for record in records if sweep.sensitivity.images]
     compile_kernels.with_options(task_run_name="compile kernels")()

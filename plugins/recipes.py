@@ -27,6 +27,13 @@ def register_recipes():
         Pipeline("bias-tune", "bias, then the biases and norm parameters trained towards the fp32 model's outputs",
                  bias_correction="layer", tune=True),
         Pipeline("mse-gptq", "mse clipping for the grid, then gptq on it", clip_p=2.0, error_feedback=True),
+        Pipeline("adaround", "AdaRound: BatchNorm folded, then each weight rounded down or up as learned, layer by "
+                 "layer in model order, so that the layer's output on what the quantized layers before it pass on "
+                 "matches fp32's (BatchNorm-matched synthetic inputs)", fold=True, learned_rounding=True),
+        Pipeline("adaround-bias", "adaround, then bias correction", fold=True, learned_rounding=True,
+                 bias_correction="layer"),
+        Pipeline("mse-adaround-bias", "mse clipping for the grid, then adaround on it and bias correction",
+                 fold=True, clip_p=2.0, learned_rounding=True, bias_correction="layer"),
         Pipeline("dfq", "folding, equalization, mse clipping and bias correction", equalize=True, clip_p=2.0,
                  bias_correction="layer"),
     ]

@@ -30,11 +30,13 @@ def sweep(**changes):
     ({"models": []}, "flows.yaml: sweeps[0].models: List should have at least 1 item"),
     ({"kernels": ["int8", "int8"]}, "flows.yaml: sweeps[0]: kernels lists int8 more than once"),
     ({"kernels": ["gpu"]}, "flows.yaml: sweeps[0].kernels[0]: Input should be 'weight-only' or 'int8'"),
-    ({"recipes": ["none", "nope"]}, "flows.yaml: sweeps[0].recipes[1]: unknown recipe 'nope'; available: bias"),
+    ({"recipes": ["none", "nope"]}, "flows.yaml: sweeps[0].recipes[1]: unknown recipe 'nope'; available: adaround, adaround-bias, bias"),
     ({"clustering": {"k": 0}}, "flows.yaml: sweeps[0].clustering.k: 0 is neither a positive number of super-classes "
                                "nor 'auto'"),
     ({"clustering": {"source": "labels"}}, "flows.yaml: sweeps[0].clustering.source: Input should be 'auto', "),
     ({"sensitivity": {"images": -1}}, "flows.yaml: sweeps[0].sensitivity.images: Input should be greater than or "),
+    ({"synthetic": {"images": 0}}, "flows.yaml: sweeps[0].synthetic.images: Input should be greater than or equal "),
+    ({"synthetic": {"image": 64}}, "flows.yaml: sweeps[0].synthetic.image: unknown key"),
     ({"sensitivity": {"images": 10, "schemes": ["int4"]}},
      "flows.yaml: sweeps[0].sensitivity.schemes[0]: unknown scheme 'int4'; available: asymmetric"),
 ])

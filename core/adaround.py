@@ -1,0 +1,154 @@
+"""Learned rounding (AdaRound, Nagel et al. 2020, "Up or Down? Adaptive Rounding for Post-Training
+Quantization") driven by synthetic inputs instead of data.
+
+Rounding to the nearest level minimises each weight's own error; what matters is the layer's output,
+where the errors of a row add up. AdaRound learns, for every weight, whether to take the level just
+below it or the one just above, so that the layer's output stays close to fp32's: a continuous variable
+``V`` per weight interpolates between the two levels through a rectified sigmoid ``h(V)``, trained with
+Adam on the output error plus a regulariser that drives ``h`` to 0 or 1 (its exponent annealed from
+20 to 2 so that the choice hardens gradually). The grid does not move — scales and zero points are those
+plain rounding or a clipping search chose — so the codes stay the scheme's own and packed files and
+kernels are unchanged.
+
+Layers are done in model order, each one's input taken from the model whose earlier layers are already
+quantized and its target from the fp32 model, so each layer also makes up for the errors upstream
+(AdaRound's and BRECQ's "quantized input" setting). The inputs are synthesised to match the model's
+BatchNorm statistics (``synthetic.synthetic_inputs``); no image is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import torch
+from torch import nn
+
+from bitsweep.evaluate import run_with_hooks
+from bitsweep.schemes import QuantizedTensor, as_column, grouped_rows, ungrouped
+
+ITERATIONS = 500  # Adam steps per layer
+BATCH = 8  # inputs per step (all of them when there are fewer)
+SAMPLES = 2  # input vectors a layer needs per weight of a row to learn: fewer, and it would fit the synthetic inputs
+POSITIONS = 4096  # output positions a step needs at most: layers on large feature maps take fewer inputs per step
+LR = 1e-2  # the paper's 1e-3 is for 10,000 steps: over a few hundred, V barely leaves its start
+REGULARIZATION = 0.01  # lambda, the paper's
+BETA = (20.0, 2.0)  # the regulariser's exponent, annealed linearly from the first to the second
+WARMUP = 0.2  # fraction of the steps before the regulariser is switched on
+ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch: h reaches 0 and 1 at finite V
+
+log = logging.getLogger(__name__)
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """``clip(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)``: the fraction of the way from the lower level to
+    the upper one; stretched past [0, 1] so that the choice can become exact, with gradient left inside."""
+    return (torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+
+
+@dataclasses.dataclass
+class Neighbours:
+    """The two levels of a quantized weight tensor's grid around each weight, in the weight's shape. Where a
+    weight has no level on one side (clipped beyond the range, or a scheme whose levels do not grow with the
+    code) both are its nearest level, and its code does not move."""
+
+    low_codes: torch.Tensor
+    high_codes: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
+    fraction: torch.Tensor  # where the weight lies between the two, 0 at the lower one
+
+    def choose(self, up: torch.Tensor) -> torch.Tensor:
+        return torch.where(up, self.high_codes, self.low_codes)
+
+
+def neighbours(w: torch.Tensor, start: QuantizedTensor) -> Neighbours:
+    """The levels of ``start``'s grid just below and just above each weight of ``w``: its nearest level (from
+    ``start``, rounded to nearest) and the code one step towards ``w``, decoded by the scheme itself. On a
+    uniform grid these are ``floor`` and ``ceil`` of ``w / s``; on pow2's they are the two nearest powers."""
+    codec, bits = start.codec, start.bits
+    rows, pad = grouped_rows(w.detach().to(torch.float32), start.granularity, start.group_size)
+    nearest, _ = grouped_rows(start.codes.to(torch.int32), start.granularity, start.group_size)
+    scale, zero = as_column(start.scale), as_column(start.zero_point)
+
+    def level(codes):
+        return codec.decode(codes.clone(), scale, zero, bits)  # a copy: decode may work in place
+
+    at = level(nearest)
+    up = at <= rows
+    other = torch.where(up, nearest + 1, nearest - 1).clamp_(start.qmin, start.qmax)
+    low_codes, high_codes = torch.where(up, nearest, other), torch.where(up, other, nearest)
+    low, high = level(low_codes), level(high_codes)
+    between = (low <= rows) & (rows <= high) & (low < high)
+    low_codes, high_codes = torch.where(between, low_codes, nearest), torch.where(between, high_codes, nearest)
+    low, high = torch.where(between, low, at), torch.where(between, high, at)
+    fraction = torch.where(between, (rows - low) / (high - low).clamp_min(torch.finfo(torch.float32).tiny), 0)
+    return Neighbours(*(ungrouped(t, w.shape, pad) for t in (low_codes, high_codes, low, high, fraction)))
+
+
+def learn_rounding(layer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, start: QuantizedTensor, *,
+                   iterations: int = ITERATIONS, batch: int = BATCH, lr: float = LR,
+                   regularization: float = REGULARIZATION, seed: int = 0) -> QuantizedTensor:
+    """``start``'s codes for ``layer``'s weight, each moved to whichever of its two neighbouring levels makes
+    ``layer``'s outputs on ``inputs`` closest to ``targets``. The layer runs its own forward (so timm's padding
+    variants count) with its bias as it is. Each step takes ``batch`` inputs, or as many as hold ``POSITIONS``
+    output positions when that is fewer (at least one). A layer whose inputs hold fewer than ``SAMPLES`` vectors
+    per weight of a row (a classifier on a few synthetic images) keeps ``start``: its rounding is under-determined
+    and would be fitted to those inputs. Seeded: the same arguments give the same codes."""
+    w = layer.weight.detach()
+    channel = inputs.dim() - 1 if isinstance(layer, nn.Linear) else 1
+    positions = targets[0].numel() // max(targets.shape[channel], 1)
+    if w.numel() == 0 or iterations < 1 or len(inputs) * positions < SAMPLES * w[0].numel():
+        return start
+    grid = neighbours(w, start)
+    gap = (grid.high - grid.low).to(w.dtype)
+    p = ((grid.fraction - GAMMA) / (ZETA - GAMMA)).clamp(1e-6, 1 - 1e-6)  # h(V) starts at the fraction
+    v = torch.log(p / (1 - p)).requires_grad_(True)
+    batch = max(1, min(batch, len(inputs), POSITIONS // positions))
+    warm = int(WARMUP * iterations)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam([v], lr=lr)
+    start_time = time.perf_counter()
+    with torch.enable_grad():  # quantize_layers rounds under no_grad
+        for step in range(iterations):
+            index = torch.randperm(len(inputs), generator=generator)[:batch]
+            h = rectified_sigmoid(v)
+            out = torch.func.functional_call(layer, {"weight": grid.low + h * gap}, (inputs[index],))
+            loss = (out - targets[index]).square().sum(channel).mean()
+            if step >= warm:
+                beta = BETA[1] + (BETA[0] - BETA[1]) * (1 - (step - warm) / max(iterations - warm, 1))
+                loss = loss + regularization * (1 - (2 * h - 1).abs().pow(beta)).sum()
+            (v.grad,) = torch.autograd.grad(loss, [v])  # no other tensor's gradient
+            optimizer.step()
+    with torch.no_grad():
+        codes = grid.choose(rectified_sigmoid(v) >= 0.5)
+    log.debug("learned rounding of %s weights: %d steps in %.2f s", tuple(w.shape), iterations,
+              time.perf_counter() - start_time)
+    return dataclasses.replace(start, codes=codes.to(start.codes.dtype))
+
+
+def layer_input_output(model: nn.Module, inputs: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The named layer's input and output on its first call in one eval pass of ``model`` (``None`` if the
+    pass never calls it)."""
+    seen = []
+
+    def keep(_, layer, args, output):
+        if not seen:
+            seen.append((args[0].detach(), output.detach()))
+
+    with torch.no_grad():
+        run_with_hooks(model, inputs, {name}, keep)
+    return seen[0] if seen else None
+
+
+def adaround(reference: nn.Module, quantized: nn.Module, name: str, inputs: torch.Tensor, start: QuantizedTensor,
+             **options) -> QuantizedTensor:
+    """``start``'s codes for layer ``name`` learned so that, fed what ``quantized`` (its earlier layers already
+    quantized) gives it, the layer reproduces what ``reference``'s fp32 layer outputs in ``reference``.
+    ``options`` are ``learn_rounding``'s."""
+    fp32 = layer_input_output(reference, inputs, name)
+    fed = layer_input_output(quantized, inputs, name)
+    if fp32 is None or fed is None:  # a layer the forward pass never reaches keeps its nearest levels
+        return start
+    return learn_rounding(quantized.get_submodule(name), fed[0], fp32[1], start, **options)
