@@ -243,3 +243,35 @@ def test_a_glob_that_matches_nothing_or_too_much_is_refused_in_one_line(tmp_path
         with pytest.raises(BitsweepError, match=rf"^model glob '{re.escape(glob)}' {problem}") as refused:
             check_sweeps(load_config(tmp_path / "flows.yaml").sweeps)
         assert "\n" not in str(refused.value)
+
+
+@pytest.mark.slow
+def test_the_synthetic_set_is_made_once_before_the_cells(tmp_path, monkeypatch, prefect_harness):
+    """A sweep with a data-free recipe makes its synthetic set in a task of its own, with the sweep's settings,
+    and every cell reads it from there: one set on disk, synthesised once."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from safetensors.torch import load_file
+
+    from bitsweep import synthetic
+    from bitsweep.flows.sweep import sweep_flow
+
+    monkeypatch.setenv("BITSWEEP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(synthetic, "_INPUTS", synthetic.PerModelCache())
+    made = []
+    original = synthetic.synthesize
+    monkeypatch.setattr(synthetic, "synthesize", lambda *args: made.append(args[2:]) or original(*args))
+    config = write_config(tmp_path, schemes=("asymmetric",), bits=(4,))
+    data = yaml.safe_load(config.read_text())
+    data["sweeps"][0] |= {"recipes": ["none", "bias"], "policies": ["full"], "synthetic": {"images": 5, "steps": 3}}
+    config.write_text(yaml.safe_dump(data))
+    state = sweep_flow(config_path=str(config), return_state=True)
+    rows = state.result()
+    assert [r["recipe"] for r in rows] == ["", "none", "bias"] and all(r["status"] == "ok" for r in rows)
+    assert made == [(5, 3)]
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
+            any_=[state.state_details.flow_run_id])))
+    assert [run.name for run in runs if run.name.startswith("synthesize")] == ["synthesize data test_efficientnet"]
+    (path,) = (tmp_path / "cache" / "synthetic").glob("*.safetensors")
+    assert load_file(path)["inputs"].shape[0] == 5
