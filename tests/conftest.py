@@ -43,6 +43,21 @@ STABLE = ["model", "scheme", "bits", "policy", "status", "top1", "top5", "agreem
           "quantized_layers", "bytes_stored", "entropy_bytes", "bytes_gzip", "bytes_7z", "bytes_zstd", "key"]
 
 
+def randomize_norms(model, seed=0):
+    """Trained-looking BatchNorm statistics and affine parameters, seeded: something for folding to fold and
+    for synthetic inputs to match."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=generator) * 0.3)
+                m.running_var.copy_(torch.rand(n, generator=generator) * 2 + 0.2)
+                m.weight.copy_(torch.randn(n, generator=generator) * 0.5 + 1)
+                m.bias.copy_(torch.randn(n, generator=generator) * 0.3)
+    return model.eval()
+
+
 def write_config(tmp_path, schemes=("asymmetric", "pow2"), bits=(8, 4), name="tiny", extra_models=()):
     """The tiny sweep's flows.yaml in ``tmp_path``: one small model trained for an epoch on synthetic images."""
     config = {"sweeps": [{

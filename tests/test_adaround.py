@@ -6,7 +6,7 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import SCHEMES
+from conftest import SCHEMES, randomize_norms
 from torch import nn
 
 import bitsweep
@@ -16,20 +16,6 @@ from bitsweep.quantize import Policy, quantizable_layers
 from bitsweep.schemes import QuantSpec, as_column, grouped_rows, ungrouped
 
 FEW = {"iterations": 150}  # enough steps for a tiny model to gain, in about a second per recipe
-
-
-def _randomize_norms(model, seed):
-    """Trained-looking BatchNorm statistics, so the synthetic inputs have something to match."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=generator) * 0.3)
-                m.running_var.copy_(torch.rand(n, generator=generator) * 2 + 0.2)
-                m.weight.copy_(torch.randn(n, generator=generator) * 0.5 + 1)
-                m.bias.copy_(torch.randn(n, generator=generator) * 0.3)
-    return model.eval()
 
 
 def _conv_bn_net(seed=6):
@@ -43,7 +29,7 @@ def _conv_bn_net(seed=6):
                           nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
     model.pretrained_cfg = {"input_size": (3, 16, 16)}
-    return _randomize_norms(model, seed)
+    return randomize_norms(model, seed)
 
 
 def _recipe(name, **options):
@@ -152,7 +138,7 @@ def test_two_runs_give_the_same_codes():
 @pytest.mark.parametrize("granularity,group_size", [("channel", None), ("group", 32)])
 def test_the_recipe_packs_and_runs_from_the_packed_file(granularity, group_size, tmp_path):
     torch.manual_seed(0)
-    model = _randomize_norms(timm.create_model("resnet18", pretrained=False, num_classes=10), seed=0)
+    model = randomize_norms(timm.create_model("resnet18", pretrained=False, num_classes=10), seed=0)
     model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 32, 32)}
     policy = Policy.parse({"keep_first": 1})
     quantized = _recipe("mse-adaround-bias", iterations=5).quantize(

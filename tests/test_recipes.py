@@ -6,7 +6,7 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import SCHEMES, make_distribution
+from conftest import SCHEMES, make_distribution, randomize_norms
 from torch import nn
 
 import bitsweep
@@ -18,26 +18,12 @@ from bitsweep import tune
 from bitsweep.registry import build_registry
 
 
-def _randomize_norms(model, seed=0):
-    """Trained-looking BatchNorm statistics, so folding has something to fold."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=generator) * 0.3)
-                m.running_var.copy_(torch.rand(n, generator=generator) * 2 + 0.2)
-                m.weight.copy_(torch.randn(n, generator=generator) * 0.5 + 1)
-                m.bias.copy_(torch.randn(n, generator=generator) * 0.3)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def resnet():
     torch.manual_seed(0)
     model = timm.create_model("resnet18", pretrained=False, num_classes=10)
     model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 32, 32)}  # small synthetic inputs: fast
-    return _randomize_norms(model)
+    return randomize_norms(model)
 
 
 def test_builtin_recipes_are_registered_through_the_hook():
@@ -202,7 +188,7 @@ class _Pair(nn.Module):
 
 def _badly_scaled_pair(act=nn.ReLU):
     torch.manual_seed(3)
-    pair = _randomize_norms(_Pair(act), seed=3)
+    pair = randomize_norms(_Pair(act), seed=3)
     _rescale_channel(pair, 0, 100.0)
     return pair
 
@@ -270,7 +256,7 @@ def test_equalization_leaves_a_clipping_relu6_alone():
 def test_bias_correction_removes_the_expected_output_shift():
     """conv (no bias) -> BN: the shift goes into the norm's running mean; Linear: into its bias."""
     torch.manual_seed(4)
-    model = _randomize_norms(nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+    model = randomize_norms(nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
                                            nn.Flatten(), nn.LazyLinear(4)), seed=4)
     x = torch.randn(16, 3, 6, 6) + 2.0  # inputs with a large mean: the shift (W_q - W) E[x] is big
     model(x)
@@ -320,7 +306,7 @@ def _small_cnn(seed):
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
                           nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
-    return _randomize_norms(model, seed=seed)
+    return randomize_norms(model, seed=seed)
 
 
 def _kl(reference, quantized, x):
