@@ -342,15 +342,20 @@ def _norms_read_shared_convs_apart(graph: torch.fx.GraphModule) -> None:
     since that output becomes the conv's (RepGhost's ``fusion_bn``). Such a norm reads a copy of the
     output instead, and stays a BatchNorm of its own; ``_batchnorm_factors`` then sees no fold either."""
     for node in list(graph.graph.nodes):
-        source = node.args[0] if node.op == "call_function" and str(node.target) in _NORM_OPS else None
-        if isinstance(source, torch.fx.Node) and str(source.target) in _WEIGHT_OPS[:3] + _NORM_OPS \
-                and len(source.users) > 1:
+        source = _normalised(node)
+        if source is not None and str(source.target) in _WEIGHT_OPS[:3] + _NORM_OPS and len(source.users) > 1:
             with graph.graph.inserting_after(source):
                 copied = graph.graph.call_function(torch.ops.aten.clone.default, (source,))
             if "val" in source.meta:  # not the module stack: the copy is no part of the conv's pattern
                 copied.meta["val"] = source.meta["val"]
             node.replace_input_with(source, copied)
     graph.recompile()
+
+
+def _normalised(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The node a BatchNorm node reads (what pt2e would fold it into when that is a conv); None for other nodes."""
+    source = node.args[0] if node.op == "call_function" and str(node.target) in _NORM_OPS else None
+    return source if isinstance(source, torch.fx.Node) else None
 
 
 def _layer(node: torch.fx.Node) -> str | None:
@@ -367,8 +372,8 @@ def _batchnorm_factors(graph: torch.fx.GraphModule, layers: dict[str, QuantizedT
 
     folds = {}
     for node in graph.graph.nodes:
-        source = node.args[0] if node.op == "call_function" and str(node.target) in _NORM_OPS else None
-        if not isinstance(source, torch.fx.Node) or str(source.target) not in _WEIGHT_OPS[:3]:
+        source = _normalised(node)
+        if source is None or str(source.target) not in _WEIGHT_OPS[:3]:
             continue
         if _layer(source) in layers:  # args: input, weight, bias, mean, var, [training,] momentum, eps
             gamma, var = constant(node.args[1]), constant(node.args[4])
