@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/accuracy.py            # full: exit 1 if an acceptance target of issue 8 is missed
     .venv/bin/python bench/accuracy.py --quick    # 2000 test images, widths 8/6/4/3, four recipes
+    .venv/bin/python bench/accuracy.py --data synthetic,real   # each recipe on synthetic and on real images
 
 Models: the Fashion-MNIST-trained models of flows.yaml's default sweep and resnet18 trained on
 scikit-learn's digits (taken from the cache, trained on first use), judged by top-1 on their test
@@ -9,7 +10,9 @@ images, and Google's EfficientNet-Lite0
 judged by top-1 agreement and KL with its fp32 self on the offline photos (32 views each: with 8, one
 view is 1.1 points of agreement, coarser than the targets can be judged by).
 Every quantized model goes through ``save_packed`` -> ``load_packed`` (weight-only path)
-before it is evaluated. No recipe sees a real image.
+before it is evaluated. The recipes read synthetic images (the targets are for those); with ``--data real``
+they read calibration images instead, drawn from each dataset's train split (other photos for Lite0), never
+an evaluation image. Each row says which data its recipe read and how long quantizing took.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 import yaml
 
 import bitsweep
+from bitsweep.calibration import draw
 from bitsweep.evaluate import accuracy, fidelity, predict
 from bitsweep.models import LoadContext, ModelSpec
 from bitsweep.registry import get_registry
@@ -37,6 +41,7 @@ BITS = (8, 6, 5, 4, 3)
 FASHION_TARGETS = ((4, None, 0.5), (3, None, 2.0), (6, "pow2", 2.0))  # bits, scheme, max drop (points)
 LITE0_TARGETS = ((8, 97.0), (6, 90.0))  # bits, min agreement (%)
 LITE0_VIEWS = 32
+CALIBRATION_IMAGES = 64  # drawn from the train split for --data real
 # Averages allocate plans are measured at besides the uniform widths (--budget overrides)
 BUDGETS = {"fashion": (4, 3), "digits": (), "lite0": (6,)}
 DIGITS_DATASET = {"name": "digits"}
@@ -46,17 +51,19 @@ DIGITS_TARGETS = ((4, None, 1.0),)
 
 
 def trained_models(dataset_entry: dict, model_entries: list[dict], limit: int | None):
-    """(label, LoadedModel, test ImageSet) for each model trained on ``dataset_entry`` (cached after the first run)."""
+    """(label, LoadedModel, test ImageSet, train ImageSet) for each model trained on ``dataset_entry`` (cached
+    after the first run)."""
     dataset = get_registry().get("dataset", dataset_entry["name"])
     options = {k: v for k, v in dataset_entry.items() if k != "name"}
     from bitsweep.files import cache_dir
 
     context = LoadContext(dataset=dataset, dataset_options=options, cache_dir=cache_dir())
     test = dataset.load("test", options | ({"limit": limit} if limit else {}))
+    train = dataset.load("train", options)
     for entry in model_entries:
         spec = ModelSpec(**entry)
         loaded = get_registry().get("model source", spec.source).load(spec, context)
-        yield spec.id, loaded, test
+        yield spec.id, loaded, test, train
 
 
 def fashion_models(limit: int | None):
@@ -72,18 +79,18 @@ def lite0():
     import timm
 
     config = timm.data.resolve_data_config({}, model=loaded.module)
-    data = get_registry().get("dataset", "photos").load("test", {"views": LITE0_VIEWS}, config)
-    return "lite0", loaded, data
+    photos = get_registry().get("dataset", "photos")
+    return "lite0", loaded, photos.load("test", {"views": LITE0_VIEWS}, config), photos.load("train", {}, config)
 
 
-def _evaluate(label, loaded, data, quantized, batch_size, folder: Path, reference, fp32, **fields) -> dict:
+def _evaluate(label, loaded, test, quantized, batch_size, folder: Path, reference, fp32, **fields) -> dict:
     """Save the quantized model packed, load it back, and measure it against labels and fp32."""
     path = folder / f"{label}.safetensors"
     bitsweep.save_packed(quantized, path, arch=loaded.arch, arch_kwargs=loaded.arch_kwargs)
     packed = bitsweep.load_packed(path)
     path.unlink()
-    logits, _ = predict(packed, data.images, batch_size)
-    row = {"model": label, **fields, **accuracy(logits, data.labels), **fidelity(logits, reference)}
+    logits, _ = predict(packed, test.images, batch_size)
+    row = {"model": label, **fields, **accuracy(logits, test.labels), **fidelity(logits, reference)}
     if "top1" in row:
         row["drop"] = fp32["top1"] - row["top1"]
     print(_line(row), flush=True)
@@ -91,27 +98,32 @@ def _evaluate(label, loaded, data, quantized, batch_size, folder: Path, referenc
 
 
 def measure(label, loaded, data, schemes, recipes, widths, batch_size, folder: Path, budgets=(),
-            settings: SyntheticSettings | None = None) -> list[dict]:
+            settings: SyntheticSettings | None = None, calibration: torch.Tensor | None = None) -> list[dict]:
     """One row per (scheme, recipe, bits): top-1 (labelled data) or agreement/KL with fp32, on the packed model;
     per budget, also per (scheme, recipe) with the policy ``{allocate: true}``: the widths ``allocate`` picks per
-    layer for that average (``average_bits``). The synthetic set (``settings``) is made first, and timed."""
+    layer for that average (``average_bits``). The recipes read the ``calibration`` images when given, else the
+    synthetic set (``settings``), which is made first, and timed."""
     reference, _ = predict(loaded.module, data.images, batch_size)
     fp32 = accuracy(reference, data.labels)
-    rows = [{"model": label, "scheme": "fp32", "recipe": "", "bits": 32, **fp32, "agreement": 100.0, "kl": 0.0,
-             "seconds": 0.0}]
+    if calibration is not None:
+        used, options = f"real {len(calibration)}", {"calibration": calibration}
+    else:
+        start = time.perf_counter()
+        made = synthetic_inputs(loaded.module, settings)
+        print(f"{label}: synthetic data {len(made)} images of {tuple(made.shape[1:])}, "
+              f"{(settings or SyntheticSettings()).steps} steps: {time.perf_counter() - start:.1f} s "
+              "(0 when cached; every recipe below uses it)", flush=True)
+        used, options = f"synthetic {len(made)}", {"synthetic": settings}
+    rows = [{"model": label, "data": used, "scheme": "fp32", "recipe": "", "bits": 32, **fp32, "agreement": 100.0,
+             "kl": 0.0, "seconds": 0.0}]
     print(f"{label}: fp32 " + (f"top-1 {fp32['top1']:.2f}" if fp32 else "(label-free)"), flush=True)
-    start = time.perf_counter()
-    made = synthetic_inputs(loaded.module, settings)
-    print(f"{label}: synthetic data {len(made)} images of {tuple(made.shape[1:])}, "
-          f"{(settings or SyntheticSettings()).steps} steps: {time.perf_counter() - start:.1f} s "
-          "(0 when cached; every recipe below uses it)", flush=True)
     for scheme in schemes:
         plans = [(bits, None) for bits in widths] + [(budget, {"allocate": True}) for budget in budgets]
         for bits, policy in plans:
             for recipe in recipes:
                 start = time.perf_counter()
                 quantized = bitsweep.quantize_model(loaded.module, scheme, bits, policy=policy, recipe=recipe,
-                                                    synthetic=settings)
+                                                    **options)
                 seconds = time.perf_counter() - start
                 chosen = {name: qt.bits for name, qt in quantized.quantized_layers.items()}
                 sizes = {name: qt.codes.numel() for name, qt in quantized.quantized_layers.items()}
@@ -120,7 +132,7 @@ def measure(label, loaded, data, schemes, recipes, widths, batch_size, folder: P
                     print(f"  {label} {scheme}: {average:.3f} bits/weight on average, per layer: "
                           + " ".join(f"{name}={width}" for name, width in chosen.items()), flush=True)
                 rows.append(_evaluate(label, loaded, data, quantized, batch_size, folder, reference, fp32,
-                                      scheme=scheme, recipe=recipe or "naive", bits=f"{bits}avg" if policy else bits,
+                                      data=used if recipe or policy else "", scheme=scheme, recipe=recipe or "naive", bits=f"{bits}avg" if policy else bits,
                                       average_bits=average, seconds=seconds))
     return rows
 
@@ -132,16 +144,18 @@ def _width(bits) -> str:
 
 def _line(row: dict) -> str:
     top1 = f"{row['top1']:6.2f} (drop {row['drop']:5.2f})" if "top1" in row else " " * 19
-    return (f"  {row['model']:<15} {row['scheme']:<10} {_width(row['bits'])} {row['recipe']:<12} top-1 {top1}  "
-            f"agreement {row['agreement']:6.2f}  KL {row['kl']:.4f}  quantize {row['seconds']:5.2f} s")
+    return (f"  {row['model']:<15} {row['scheme']:<10} {_width(row['bits'])} {row['recipe']:<12} "
+            f"{row['data'] or 'no data':<13} top-1 {top1}  agreement {row['agreement']:6.2f}  KL {row['kl']:.4f}  "
+            f"quantize {row['seconds']:5.2f} s")
 
 
 def check(rows: list[dict]) -> list[str]:
-    """The acceptance targets missed, each as a sentence with the best value reached."""
+    """The acceptance targets (data-free: rows that read no real image) missed, each as a sentence with the best
+    value reached."""
     missed = []
     by_model = {}
     for row in rows:
-        if row["scheme"] != "fp32":
+        if row["scheme"] != "fp32" and not row["data"].startswith("real"):
             by_model.setdefault(row["model"], []).append(row)
     for model, cells in by_model.items():
         if model == "lite0":
@@ -161,8 +175,8 @@ def check(rows: list[dict]) -> list[str]:
 
 
 def table(rows: list[dict]) -> None:
-    """Best recipe against naive rounding per model, scheme and width."""
-    print(f"\n{'model':<15} {'scheme':<10} {'bits':>5}  {'naive':>16}  {'best recipe':>29}")
+    """Best recipe against naive rounding per model, scheme and width, for each kind of data the recipes read."""
+    print(f"\n{'model':<15} {'scheme':<10} {'bits':>5}  {'naive':>16}  {'best recipe':>29}  data")
     key = lambda r: r.get("top1", r["agreement"])  # noqa: E731
     groups = {}
     for row in rows:
@@ -170,11 +184,12 @@ def table(rows: list[dict]) -> None:
             groups.setdefault((row["model"], row["scheme"], row["bits"]), []).append(row)
     for (model, scheme, bits), cells in groups.items():
         naive = next((r for r in cells if r["recipe"] == "naive"), None)
-        best = max(cells, key=key)
-        metric = "top-1" if "top1" in best else "agree"
-        text = f"{metric} {key(naive):6.2f}" if naive else ""
-        print(f"{model:<15} {scheme:<10} {bits:>5}  {text:>16}  {best['recipe']:>12} {metric} {key(best):6.2f} "
-              f"KL {best['kl']:.4f}")
+        for data in dict.fromkeys(r["data"] for r in cells if r["data"]):
+            best = max((r for r in cells if r["data"] == data), key=key)
+            metric = "top-1" if "top1" in best else "agree"
+            text = f"{metric} {key(naive):6.2f}" if naive else ""
+            print(f"{model:<15} {scheme:<10} {bits:>5}  {text:>16}  {best['recipe']:>12} {metric} {key(best):6.2f} "
+                  f"KL {best['kl']:.4f}  {data}")
 
 
 def main() -> int:
@@ -190,7 +205,14 @@ def main() -> int:
                              f"(default: {BUDGETS})")
     parser.add_argument("--synthetic", default=None, metavar="IMAGES,STEPS",
                         help="the synthetic set the recipes use (default: bitsweep's, see README 'Synthetic data')")
+    parser.add_argument("--data", default="synthetic", help="comma-separated: synthetic (data-free), real "
+                        "(--calibration images drawn from the train split; other photos for Lite0)")
+    parser.add_argument("--calibration", type=int, default=CALIBRATION_IMAGES, metavar="IMAGES",
+                        help=f"real images drawn for --data real (default {CALIBRATION_IMAGES})")
     args = parser.parse_args()
+    kinds = args.data.split(",")
+    if set(kinds) - {"synthetic", "real"}:
+        parser.error(f"--data takes synthetic and/or real, not {args.data}")
     settings = SyntheticSettings(*(int(v) for v in args.synthetic.split(","))) if args.synthetic else None
     widths = [int(b) for b in args.bits.split(",")] if args.bits else ([8, 6, 4, 3] if args.quick else list(BITS))
     names = args.recipes.split(",") if args.recipes else (
@@ -208,10 +230,13 @@ def main() -> int:
         torch.set_num_threads(1)
         if "lite0" in chosen:
             sources.append(("lite0", lite0()))
-        for kind, (label, loaded, data) in sources:
+        for kind, (label, loaded, data, train) in sources:
             budgets = (args.budget,) if args.budget is not None else BUDGETS[kind]
-            rows += measure(label, loaded, data, schemes, recipes, widths, 8 if kind == "lite0" else 500, Path(tmp),
-                            budgets, settings)
+            for source in kinds:
+                calibration = draw(train, args.calibration, f"{label}'s train split", data) if source == "real" \
+                    else None
+                rows += measure(label, loaded, data, schemes, recipes, widths, 8 if kind == "lite0" else 500,
+                                Path(tmp), budgets, settings, calibration)
     table(rows)
     missed = check(rows)
     for line in missed:

@@ -103,13 +103,13 @@ def measure(names, threads: int = 1, runs: int = 15) -> list[dict]:
 def agreement(configs=(("asymmetric", 8), ("symmetric", 6), ("pow2", 4), ("asymmetric", 4)),
               modes=("photos", "synthetic", "noise")) -> list[dict]:
     """Top-1 agreement of the int8 graph with its fake-quant model on the offline photos (11 photos x 8
-    views), for trained EfficientNet-Lite0, per calibration mode: ``photos`` = 32 other crops of the same
-    photos, ``synthetic`` = data-free default, ``noise`` = 8 standard-normal inputs (the naive data-free
+    views), for trained EfficientNet-Lite0, per calibration mode: ``photos`` = the 64 views of the photos
+    dataset's calibration split (8 other photos), ``synthetic`` = data-free default, ``noise`` = 8 standard-normal inputs (the naive data-free
     baseline). It runs ``convert_int8``'s graph, which computes what the compiled kernels do
     (tests/test_int8.py checks that) without a compilation per row."""
     from bitsweep.plugins.efficientnet_lite import convert_state_dict, weights_path
     from bitsweep.plugins.imagefolder import preprocess
-    from bitsweep.plugins.photos import load_photos, views_of
+    from bitsweep.plugins.photos import Photos, load_photos, views_of
 
     torch.set_num_threads(1)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
@@ -119,7 +119,7 @@ def agreement(configs=(("asymmetric", 8), ("symmetric", 6), ("pow2", 4), ("asymm
     config = timm.data.resolve_data_config({}, model=model)
     photos = load_photos()
     evaluation = preprocess([v for p in photos for v in views_of(p, 8)], config)
-    calibration = preprocess([v for p in photos for v in views_of(p, 16)[8:11]], config).split(8)
+    calibration = Photos().load("train", {}, config).images.split(8)
     with torch.no_grad():
         reference = model(evaluation).argmax(1)
     rows = []

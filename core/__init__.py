@@ -4,7 +4,8 @@ Public API (stable names)::
 
     bitsweep.schemes()                         # name -> Scheme
     bitsweep.quantize_tensor(w, scheme, bits, granularity="channel", group_size=None)
-    bitsweep.quantize_model(model, scheme, bits, granularity="channel", policy=None, recipe=None)
+    bitsweep.quantize_model(model, scheme, bits, granularity="channel", policy=None, recipe=None,
+                            calibration=None)      # calibration: real images for the recipe (else synthetic)
     bitsweep.recipes()                         # name -> Recipe (data-free improvements on rounding)
     bitsweep.compile_packed(quantized, kernel="weight-only" | "int8")   # runs from packed codes
     bitsweep.save_packed(module, path) / bitsweep.load_packed(path, kernel="weight-only")

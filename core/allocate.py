@@ -1,7 +1,8 @@
 """Automatic partial precision: spend a size budget (e.g. 4 bits per weight on average) where it matters.
 
 Each layer is measured data-free by its output SQNR: the signal-to-noise ratio of its output when
-only its weight is quantized, on inputs synthesised to match the model's BatchNorm statistics. The allocator
+only its weight is quantized, on the inputs every data-free step reads (``bitsweep.calibration``: synthesised
+to match the model's BatchNorm statistics, or a user's calibration images). The allocator
 then picks the widths that minimise the summed relative output noise within the budget
 (a knapsack, solved exactly). The result is an ordinary ``Policy(bits={...})`` for ``quantize_model``
 and sweeps.
@@ -16,11 +17,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bitsweep.calibration import calibration_inputs, inputs_key
 from bitsweep.errors import BitsweepError
 from bitsweep.evaluate import run_with_hooks
 from bitsweep.policy import Policy, quantizable_layers
 from bitsweep.schemes import MAX_BITS, MIN_BITS, QuantSpec, check_bits, quantize_tensor
-from bitsweep.synthetic import PerModelCache, synthetic_inputs
+from bitsweep.synthetic import PerModelCache
 
 _TABLES = PerModelCache()  # output SQNR tables on the default inputs
 
@@ -45,16 +47,16 @@ def output_sqnr(model: nn.Module, scheme: str, widths, granularity: str = "chann
                 ) -> dict[str, dict[int, float]]:
     """Layer -> width -> SQNR (dB) of the layer's output with only its weight quantized.
 
-    ``inputs`` defaults to the BatchNorm-matched synthetic inputs recipes use; each layer
-    sees its fp32 input from one pass of the fp32 model.
+    ``inputs`` defaults to those recipes read (``calibration_inputs``); each layer sees its fp32 input
+    from one pass of the fp32 model.
     """
     for width in widths:
         QuantSpec(scheme, width, granularity, group_size)
     names = frozenset(names) if names is not None else frozenset(n for n, _ in quantizable_layers(model))
-    if inputs is None:  # the default inputs depend only on the weights: so does the table
-        key = (scheme, tuple(widths), granularity, group_size, names)
+    if inputs is None:  # the default inputs depend only on the weights and inputs_key: so does the table
+        key = (scheme, tuple(widths), granularity, group_size, names, inputs_key())
         table = _TABLES.get(model, key, lambda: _measure(model, scheme, widths, granularity, group_size, names,
-                                                         synthetic_inputs(model)))
+                                                         calibration_inputs(model)))
         return {name: dict(row) for name, row in table.items()}
     return _measure(model, scheme, widths, granularity, group_size, names, inputs)
 
@@ -153,7 +155,7 @@ def allocate(model: nn.Module, scheme: str, budget: float = 4.0, widths=(2, 3, 4
     table = output_sqnr(model, scheme, widths, granularity, group_size, names=sizes)
     missing = sorted(set(sizes) - set(table))
     if missing:
-        raise BitsweepError(f"layers {', '.join(missing)} did not run on the synthetic inputs; "
+        raise BitsweepError(f"layers {', '.join(missing)} did not run on the calibration inputs; "
                             "keep them out with a policy exclude")
     bits = allocate_bits(table, sizes, budget)
     average = sum(sizes[n] * b for n, b in bits.items()) / max(sum(sizes.values()), 1)

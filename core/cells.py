@@ -16,7 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from bitsweep import __version__
-from bitsweep.config import Sweep, Synthetic
+from bitsweep.config import Calibration, Sweep, Synthetic
 from bitsweep.models import ModelSpec
 from bitsweep.policy import Policy
 from bitsweep.registry import get_registry
@@ -53,17 +53,30 @@ class Cell(BaseModel):
     policy: Policy
     recipe: str = "none"
     kernel: str = "weight-only"
-    synthetic: Synthetic | None = None  # set where the cell uses synthetic data and the sweep's are not the default
+    # The images the cell's data-free steps read, set where it has any: synthesised, or real ones.
+    synthetic: Synthetic | None = None
+    calibration: Calibration | None = None
 
     @property
-    def uses_synthetic(self) -> bool:
-        """Whether quantizing this cell runs a data-free step (a recipe, or ``allocate``)."""
-        return self.recipe != "none" or self.policy.allocate
+    def uses_data(self) -> bool:
+        """Whether the cell reads calibration inputs: a recipe, ``allocate``, or the int8 path's activation ranges."""
+        return self.recipe != "none" or self.policy.allocate or self.kernel == "int8"
+
+    @property
+    def data(self) -> str:
+        """What its data-free steps read, for tables: "" (none), "synthetic" or "DATASET SPLIT N" (real images)."""
+        if self.calibration is not None:
+            return self.calibration.label
+        if self.synthetic is None:
+            return ""
+        settings = "" if self.synthetic == Synthetic() else f" {self.synthetic.images or 'auto'}x{self.synthetic.steps}"
+        return f"synthetic{settings}"
 
     @property
     def packing(self) -> Cell:
         """The cell that makes this one's packed file: the same with the default kernel path."""
-        return self.model_copy(update={"kernel": "weight-only"})
+        packing = self.model_copy(update={"kernel": "weight-only"})
+        return packing if packing.uses_data else packing.model_copy(update={"synthetic": None, "calibration": None})
 
     @property
     def label(self) -> str:
@@ -78,6 +91,7 @@ class ModelRecord(BaseModel):
     dir: Path
     arch: str
     arch_kwargs: dict
+    input_size: tuple[int, ...]  # of the evaluation images: what every input made or drawn for it must have
     weights_hash: str
     data_hash: str
     params: int
@@ -94,29 +108,14 @@ def expand_models(sweep: Sweep) -> list[ModelSpec]:
     return list(found.values())
 
 
-def check_sweeps(sweeps: list[Sweep], data_here: bool = True) -> None:
-    """Fail in one line on what would fail every cell -- a model name or glob that matches nothing, a
-    dataset's missing files or misspelt options -- before anything runs or is written. With
-    ``data_here`` False (cells run on an existing Dask cluster, whose workers hold the data and this
-    machine may not) datasets are left to the cells."""
-    registry = get_registry()
-    for sweep in sweeps:
-        expand_models(sweep)
-        if not data_here:
-            continue
-        with registry.blame("dataset", sweep.dataset.name):
-            registry.get("dataset", sweep.dataset.name).check(sweep.dataset.options)
-
-
 def plan_cells(sweep: Sweep, model: str) -> list[Cell]:
     cells = [Cell(model=model, scheme=scheme, bits=bits, granularity=granularity,
                   group_size=sweep.group_size if granularity == "group" else None, policy=policy, recipe=recipe,
                   kernel=kernel)
              for scheme in sweep.schemes for bits in sweep.bits for granularity in sweep.granularity
              for policy in sweep.policies for recipe in sweep.recipes for kernel in sweep.kernels]
-    if sweep.synthetic == Synthetic():  # the default: cells keep the keys they had before the setting existed
-        return cells
-    return [cell.model_copy(update={"synthetic": sweep.synthetic}) if cell.uses_synthetic else cell for cell in cells]
+    data = {"calibration": sweep.calibration} if sweep.calibration else {"synthetic": sweep.synthetic}
+    return [cell.model_copy(update=data) if cell.uses_data else cell for cell in cells]
 
 
 def model_dir(sweep: Sweep, spec: ModelSpec) -> Path:
@@ -131,7 +130,8 @@ def find_record(sweep: Sweep, spec: ModelSpec) -> ModelRecord | None:
 
 
 def cell_key(record: ModelRecord, cell: Cell) -> str:
-    fields = cell.model_dump(mode="json", exclude={"synthetic"} if cell.synthetic is None else set())
+    fields = cell.model_dump(mode="json", exclude={key for key in ("synthetic", "calibration")
+                                                   if getattr(cell, key) is None})
     return _digest(record.weights_hash, record.data_hash, fields, __version__)
 
 

@@ -149,11 +149,12 @@ def _print_results(sweep) -> None:
     if not path.exists():
         return
     rows = json.loads(path.read_text())
-    table = Table("model", "scheme", "bits", "policy", "kernel", "top-1", "agree", "KL", "ms b1", "MB", "7z MB",
+    table = Table("model", "scheme", "bits", "policy", "recipe", "kernel", "top-1", "agree", "KL", "ms b1", "MB", "7z MB",
                   "ΔSize %", "status", title=f"sweep {sweep.name}")
     fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
     for r in rows:
-        table.add_row(r["model"], r["scheme"], str(r["bits"]), r.get("policy") or "", r.get("kernel") or "",
+        table.add_row(r["model"], r["scheme"], str(r["bits"]), r.get("policy") or "", r.get("recipe") or "",
+                      r.get("kernel") or "",
                       fmt(r.get("top1"), ".2f"), fmt(r.get("agreement"), ".1f"), fmt(r.get("kl"), ".4f"),
                       fmt(r.get("latency_b1_ms"), ".2f"),
                       fmt(r.get("bytes_stored") and r["bytes_stored"] / 1e6, ".2f"),

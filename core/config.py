@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from bitsweep.calibration import CALIBRATION_IMAGES
+from bitsweep.datasets import EVALUATION_SPLIT, SPLITS
 from bitsweep.errors import BitsweepError, first_line
 from bitsweep.models import ModelSpec
 from bitsweep.policy import Policy
@@ -25,7 +27,8 @@ def _bits_in_range(bits: int) -> int:
     return bits
 
 
-def _model_entry(value):
+def _named_entry(value):
+    """A bare name stands for ``{name: NAME}`` (models, a calibration dataset)."""
     return {"name": value} if isinstance(value, str) else value
 
 
@@ -117,11 +120,25 @@ class Synthetic(_Strict):
         return SyntheticSettings(images=self.images, steps=self.steps)
 
 
+class Calibration(_Strict):
+    """Real images for every data-free step (recipes, ``allocate``, the int8 path's activation ranges) in place
+    of synthetic ones: ``images`` drawn (seeded) from a dataset's ``split``, never the evaluated one."""
+
+    dataset: Annotated[DatasetSpec, BeforeValidator(_named_entry)]
+    split: Literal[SPLITS] = "train"
+    images: int = Field(CALIBRATION_IMAGES, ge=1, description="images drawn from the split (seeded)")
+
+    @property
+    def label(self) -> str:
+        """As tables show it: ``DATASET SPLIT IMAGES``."""
+        return f"{self.dataset.name} {self.split} {self.images}"
+
+
 class Sweep(_Strict):
     """One grid: models x schemes x bits x granularity x policies, on one dataset."""
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
-    models: list[Annotated[ModelSpec, BeforeValidator(_model_entry)]] = Field(min_length=1)
+    models: list[Annotated[ModelSpec, BeforeValidator(_named_entry)]] = Field(min_length=1)
     dataset: DatasetSpec
     schemes: list[SchemeName] = Field(min_length=1)
     bits: list[Bits] = Field(min_length=1)
@@ -135,6 +152,7 @@ class Sweep(_Strict):
     clustering: Clustering = Clustering()
     sensitivity: Sensitivity = Sensitivity()
     synthetic: Synthetic = Synthetic()
+    calibration: Calibration | None = None
     output: Path | None = None
 
     @model_validator(mode="after")
@@ -150,6 +168,18 @@ class Sweep(_Strict):
     def _group_size_with_group(self):
         if ("group" in self.granularity) != (self.group_size is not None):
             raise ValueError("group_size is needed exactly when granularity lists 'group'")
+        return self
+
+    @model_validator(mode="after")
+    def _calibration_apart(self):
+        calibration = self.calibration
+        if calibration is None:
+            return self
+        if "synthetic" in self.model_fields_set:
+            raise ValueError("calibration and synthetic each choose the data-free steps' images; keep one")
+        if calibration.dataset.name == self.dataset.name and calibration.split == EVALUATION_SPLIT:
+            raise ValueError(f"calibration: {calibration.dataset.name} split {EVALUATION_SPLIT} is the data this "
+                             f"sweep evaluates on; calibrate on split: train or on another dataset")
         return self
 
     @property

@@ -10,6 +10,7 @@ import torch
 from bitsweep.models import tensor_digest
 
 SPLITS = ("train", "test")
+EVALUATION_SPLIT = "test"  # the split a sweep scores models on
 
 
 @dataclass

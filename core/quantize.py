@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from bitsweep.allocate import allocate
+from bitsweep.calibration import calibrating
 from bitsweep.errors import BitsweepError
 from bitsweep.policy import QUANTIZABLE, Policy, quantizable_layers
 from bitsweep.registry import get_registry
@@ -18,7 +19,8 @@ __all__ = ["QUANTIZABLE", "Policy", "quantizable_layers", "quantize_layers", "qu
 
 def quantize_model(model: nn.Module, scheme: str, bits: int, granularity: str = "channel",
                    policy: Policy | str | dict | None = None, group_size: int | None = None,
-                   recipe: str | None = None, synthetic: SyntheticSettings | dict | None = None) -> nn.Module:
+                   recipe: str | None = None, synthetic: SyntheticSettings | dict | None = None,
+                   calibration: torch.Tensor | None = None) -> nn.Module:
     """A fake-quantized copy of ``model``; the input is left untouched.
 
     The copy's ``quantized_layers`` maps each quantized layer's name to its
@@ -26,11 +28,15 @@ def quantize_model(model: nn.Module, scheme: str, bits: int, granularity: str = 
     ``recipe`` names a registered recipe (``bitsweep.recipes()``); ``None`` rounds each weight
     to its nearest level. A policy with ``allocate`` is resolved here into the widths
     ``bitsweep.allocate`` picks for an average of ``bits``. ``synthetic`` (``SyntheticSettings`` or a
-    dict of its fields) says how many synthetic images the recipe and ``allocate`` use, optimised how long.
+    dict of its fields) says how many synthetic images the recipe and ``allocate`` use, optimised how long;
+    ``calibration`` (the model's preprocessed inputs, [N, C, H, W]) gives them real images instead.
     """
     spec = QuantSpec(scheme, bits, granularity, group_size)  # fail on bad arguments before copying anything
     policy = Policy.parse(policy)
-    with using(SyntheticSettings.parse(synthetic)):
+    if synthetic is not None and calibration is not None:
+        raise BitsweepError("quantize_model takes synthetic settings or calibration images, not both: "
+                            "with calibration images nothing is synthesised")
+    with using(SyntheticSettings.parse(synthetic)), calibrating(calibration):
         if policy.allocate:
             chosen = allocate(model, scheme, bits, granularity=granularity, group_size=group_size,
                               policy=policy.model_copy(update={"allocate": False}))

@@ -5,7 +5,8 @@ returns: a fake-quantized copy whose ``quantized_layers`` hold the scheme's own 
 scales, so the packed file and the kernels work unchanged. Recipes only ever move the scales
 (clipping), the fp32 weights before rounding (folding, equalization), which of the scheme's levels
 a weight rounds to (GPTQ, AdaRound) or the unquantized tensors after it (bias correction, channel
-tuning); no recipe sees a real image.
+tuning); no recipe needs a real image. The inputs they measure on are ``calibration_inputs``:
+synthesised to match the model's BatchNorm statistics, or a user's calibration images when given.
 
 ``Pipeline`` assembles the built-in recipes from the steps here and in ``bitsweep.equalize``.
 """
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from bitsweep.adaround import adaround
+from bitsweep.calibration import calibration_inputs
 from bitsweep.equalize import equalize, fold_batchnorm
 from bitsweep.errors import BitsweepError
 from bitsweep.evaluate import run_with_hooks
@@ -28,7 +30,7 @@ from bitsweep.policy import Policy, quantizable_layers
 from bitsweep.quantize import quantize_layers
 from bitsweep.schemes import (SMALLEST_SCALE, QuantizedTensor, QuantSpec, as_column, grouped_rows, quantize_tensor,
                               ungrouped)
-from bitsweep.synthetic import batchnorms, synthetic_inputs
+from bitsweep.synthetic import batchnorms
 from bitsweep.tune import tune_channels
 
 # Clipping search: shrink factors of each row's range tried first, then a finer step around each row's best.
@@ -150,7 +152,7 @@ def correct_bias(reference: nn.Module, quantized: nn.Module, inputs: torch.Tenso
                  sequential: bool = False) -> dict[str, torch.Tensor]:
     """DFQ's bias correction: remove each quantized layer's expected output shift; returns layer -> shift.
 
-    Expectations are taken over ``inputs`` synthesised to match the BatchNorm statistics. By
+    Expectations are taken over ``inputs`` (the recipes pass ``calibration_inputs``). By
     default each layer's own shift E[(W_q - W) x] with its fp32 input x, as DFQ; ``sequential``
     instead compares each layer's output mean in the (already corrected) quantized model with
     the fp32 model's, which also removes the shift that quantized layers upstream pass on.
@@ -231,16 +233,16 @@ class Pipeline(Recipe):
             rounding = self.rounding
         quantized = quantize_layers(target, spec, policy, rounding)
         if self.bias_correction and quantized.quantized_layers:
-            # Synthesised for the input model: folding keeps the function, not the norms' statistics.
-            correct_bias(work, quantized, synthetic_inputs(model), self.bias_correction == "sequential")
+            # Those of the input model: folding keeps the function, not the norms' statistics.
+            correct_bias(work, quantized, calibration_inputs(model), self.bias_correction == "sequential")
         if self.tune and quantized.quantized_layers and batchnorms(model):  # else no data to tune on
-            tune_channels(work, quantized, synthetic_inputs(model))
+            tune_channels(work, quantized, calibration_inputs(model))
         return quantized
 
     def _with_feedback(self, model, work, target, spec, policy):
         """This recipe's rounding followed by GPTQ, for ``target``'s layers: their input statistics are
-        ``work``'s (fp32, after folding) on inputs synthesised for ``model``."""
-        moments = input_moments(work, synthetic_inputs(model),
+        ``work``'s (fp32, after folding) on ``model``'s calibration inputs."""
+        moments = input_moments(work, calibration_inputs(model),
                                 policy.plan([name for name, _ in quantizable_layers(work)], spec.bits))
         layer_of = {id(layer.weight): name for name, layer in quantizable_layers(target)}
         return lambda w, *args: error_feedback(w, moments[layer_of[id(w)]], self.rounding(w, *args))
@@ -248,8 +250,8 @@ class Pipeline(Recipe):
     def _learned(self, model, work, target):
         """This recipe's rounding followed by AdaRound, for ``target``'s layers as ``quantize_layers`` reaches
         them in order: each layer's input comes from ``target`` with the layers before it quantized, its
-        target output from ``work`` (fp32, after folding), on inputs synthesised for ``model``."""
-        inputs = synthetic_inputs(model)
+        target output from ``work`` (fp32, after folding), on ``model``'s calibration inputs."""
+        inputs = calibration_inputs(model)
         layer_of = {id(layer.weight): name for name, layer in quantizable_layers(target)}
         return lambda w, *args: adaround(work, target, layer_of[id(w)], inputs, self.rounding(w, *args),
                                          **self.learned_rounding)

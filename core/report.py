@@ -80,16 +80,29 @@ def load_run(run_dir: Path) -> dict:
 
 
 def summary_table(rows: list[dict]) -> Table:
-    """Per model: fp32 accuracy and the fewest bits that stay within 1 point of it."""
-    table = Table(["model", "fp32 top-1 / agreement", "fewest bits within 1 point of fp32", "scheme"], [])
+    """Per model: fp32 accuracy, the fewest bits that stay within 1 point of it, the cell that reached them
+    (its recipe, and the data its data-free steps read), and the fewest with plain rounding alone: what recipes
+    buy. A model no cell keeps within 1 point shows its closest cell instead."""
+    table = Table(["model", "fp32 top-1 / agreement", "fewest bits within 1 point of fp32", "reached by", "recipe",
+                   "data read", "with plain rounding"], [])
     ok = [r for r in rows if r["status"] == "ok" and r["scheme"] != "fp32"]
     for base in (r for r in rows if r["scheme"] == "fp32" and r["status"] == "ok"):
         metric = "top1" if base.get("top1") is not None else "agreement"
-        good = [r for r in ok if r["model"] == base["model"] and r.get(metric) is not None
-                and base[metric] - r[metric] <= 1.0]
-        best = min(good, key=lambda r: (r["bits"], -r[metric]), default=None)
-        table.rows.append([base["model"], _fmt(base[metric]), str(best["bits"]) if best else "—",
-                           figures.series_label(best) if best else "—"])
+        mine = [r for r in ok if r["model"] == base["model"] and r.get(metric) is not None]
+        good = [r for r in mine if base[metric] - r[metric] <= 1.0]
+        fewest = lambda cells: min(cells, key=lambda r: (r["bits"], -r[metric]), default=None)  # noqa: E731
+        best, plain = fewest(good), fewest([r for r in good if r.get("recipe", "none") == "none"])
+        closest = max(mine, key=lambda r: (r[metric], -r["bits"]), default=None)
+        shown = best or closest
+        if shown is None:
+            table.rows.append([base["model"], _fmt(base[metric]), "—", "—", "—", "—", "—"])
+            continue
+        recipe = shown.get("recipe", "none")
+        reached = figures.series_label(shown) if best else \
+            f"none; closest: {figures.series_label(shown)} {shown['bits']}b at {_fmt(shown[metric])}"
+        table.rows.append([base["model"], _fmt(base[metric]), str(best["bits"]) if best else "—", reached,
+                           "none (plain rounding)" if recipe == "none" else recipe, shown.get("calibration") or "—",
+                           str(plain["bits"]) if plain else "—"])
     return table
 
 

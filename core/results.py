@@ -19,7 +19,8 @@ from bitsweep.models import ModelSpec
 from bitsweep.profile import STATS
 
 COLUMNS = [
-    "sweep", "model", "scheme", "bits", "granularity", "group_size", "policy", "recipe", "kernel", "compiled", "status",
+    "sweep", "model", "scheme", "bits", "granularity", "group_size", "policy", "recipe", "kernel", "calibration", "compiled",
+    "status",
     "error",
     "top1", "top5", "agreement", "kl", "drop_top1", "delta_acc_pct", "super_k", "super_top1", "super_agreement",
     "super_top1_natural", "latency_b1_ms", "latency_batch_ms", "compile_seconds", "sqnr_db", "zero_fraction", "params",
@@ -34,7 +35,7 @@ def identity(sweep: Sweep, cell: Cell) -> dict:
     """The columns that say which cell a row is."""
     return {"sweep": sweep.name, "model": cell.model, "scheme": cell.scheme, "bits": cell.bits,
             "granularity": cell.granularity, "group_size": cell.group_size, "policy": cell.policy.label,
-            "recipe": cell.recipe, "kernel": cell.kernel}
+            "recipe": cell.recipe, "kernel": cell.kernel, "calibration": cell.data}
 
 
 def failed_row(sweep: Sweep, cell: Cell, error: str) -> dict:

@@ -23,7 +23,7 @@ from bitsweep.datasets import content_hash
 from bitsweep.evaluate import accuracy, fidelity, latency_batch1, predict
 from bitsweep.files import atomic_path, cache_dir, write_json
 from bitsweep.kernels import extension
-from bitsweep.loaded import eval_data, fp32_logits, fp32_module
+from bitsweep.loaded import calibration_images, eval_data, fp32_logits, fp32_module
 from bitsweep.models import LoadContext, ModelSpec, weights_hash
 from bitsweep.pack import code_entropy_bytes, read_packed, save_packed
 from bitsweep.profile import profile_layers
@@ -33,8 +33,6 @@ from bitsweep.registry import get_registry
 from bitsweep.results import identity
 from bitsweep.synthetic import synthetic_inputs
 from bitsweep.tracing import TRACING, uses_models
-
-CALIBRATION_IMAGES = 16
 
 
 def _measure(sweep: Sweep, module: torch.nn.Module, data, reference: torch.Tensor | None):
@@ -79,6 +77,7 @@ def prepare_model(sweep: Sweep, spec: ModelSpec) -> ModelRecord:
     row |= compress_sizes(sweep, weights)
     row["seconds"] = time.perf_counter() - started
     record = ModelRecord(model=spec.id, dir=folder, arch=loaded.arch, arch_kwargs=loaded.arch_kwargs,
+                         input_size=tuple(data.images.shape[1:]),
                          weights_hash=weights_hash(module), data_hash=content_hash(data), params=params,
                          baseline=row)
     write_json(folder / "record.json", record.model_dump(mode="json"))  # last: its presence means it is ready
@@ -109,7 +108,7 @@ def quantize_cell(sweep: Sweep, record: ModelRecord, cell: Cell) -> dict:
     with get_registry().blame("scheme", cell.scheme):  # a plugin's bug fails the cell, naming the plugin
         quantized = quantize_model(fp32_module(record), cell.scheme, cell.bits, cell.granularity, cell.policy,
                                    group_size=cell.group_size, recipe=None if cell.recipe == "none" else cell.recipe,
-                                   synthetic=cell.synthetic and cell.synthetic.settings())
+                                   calibration=sweep_inputs(sweep, record) if cell.uses_data else None)
     save_packed(quantized, path, record.arch, record.arch_kwargs)
     info = {"packed": str(path), "quantized_layers": len(quantized.quantized_layers),
             "bytes_stored": path.stat().st_size, "entropy_bytes": code_entropy_bytes(quantized)}
@@ -129,12 +128,22 @@ def profile_cell(sweep: Sweep, record: ModelRecord, cell: Cell, packed: str) -> 
     return {"sqnr_db": whole["sqnr_db"], "zero_fraction": whole["zero_fraction"], "profile": str(path)}
 
 
+def sweep_inputs(sweep: Sweep, record: ModelRecord) -> torch.Tensor:
+    """The inputs the model's data-free steps read (recipes, ``allocate``, the int8 path's activation ranges):
+    the sweep's calibration images transformed for it, else its synthetic set -- never the evaluation images."""
+    module = fp32_module(record)
+    if sweep.calibration is not None:
+        return calibration_images(sweep, module)
+    return synthetic_inputs(module, sweep.synthetic.settings())
+
+
 @uses_models
-def synthesize_data(sweep: Sweep, record: ModelRecord) -> dict:
-    """The synthetic images the model's data-free cells will use, made (or found in the cache) once, before
-    the cells run in parallel: on every core, and not once per cell waiting on the first."""
-    inputs = synthetic_inputs(fp32_module(record), sweep.synthetic.settings())
-    return {"images": len(inputs), "steps": sweep.synthetic.steps}
+def calibration_data(sweep: Sweep, record: ModelRecord) -> dict:
+    """The inputs the model's data-free cells will read, synthesised (or found in the cache) or loaded once,
+    before the cells run in parallel: on every core, and not once per cell waiting on the first."""
+    images = sweep_inputs(sweep, record)
+    return {"images": len(images), "shape": list(images.shape[1:]),
+            "source": "synthetic" if sweep.calibration is None else sweep.calibration.label}
 
 
 def compile_kernels() -> dict:
@@ -147,8 +156,8 @@ def evaluate_cell(sweep: Sweep, record: ModelRecord, cell: Cell, packed: str) ->
     # The int8 path traces the model: it holds the lock exclusively until every batch shape is compiled.
     with TRACING.exclusive() if cell.kernel == "int8" else TRACING.shared():
         data = eval_data(sweep, fp32_module(record))
-        # The int8 path's activation ranges come from a few of the sweep's own images (labels unused).
-        calibration = [data.images[:CALIBRATION_IMAGES]] if cell.kernel == "int8" else None
+        calibration = list(sweep_inputs(sweep, record).split(sweep.evaluation.batch_size)) \
+            if cell.kernel == "int8" else None  # the activation ranges
         module = load_packed(Path(packed), cell.kernel, calibration=calibration)
         compile_seconds = _compile_batches(module, data.images, sweep.evaluation.batch_size) \
             if cell.kernel == "int8" else None

@@ -1,4 +1,5 @@
-"""Inputs synthesised to match a model's BatchNorm statistics: the data of every data-free step.
+"""Inputs synthesised to match a model's BatchNorm statistics: the data of every data-free step (unless a
+user gives real calibration images: ``bitsweep.calibration``).
 
 Recipes (bias correction, GPTQ's statistics, learned rounding), the width allocator and the int8
 path's activation ranges all need inputs that look like what the model sees, and no image may be
@@ -80,11 +81,16 @@ _SETTINGS: contextvars.ContextVar[SyntheticSettings] = contextvars.ContextVar("s
 @contextlib.contextmanager
 def using(settings: SyntheticSettings | None):
     """Every data-free step inside (in this thread) uses ``settings`` (None: the current ones)."""
-    token = _SETTINGS.set(settings or _SETTINGS.get())
+    token = _SETTINGS.set(settings or current_settings())
     try:
         yield
     finally:
         _SETTINGS.reset(token)
+
+
+def current_settings() -> SyntheticSettings:
+    """The settings of the innermost ``using`` (the defaults outside any)."""
+    return _SETTINGS.get()
 
 
 def default_input_size(model: nn.Module) -> tuple[int, ...]:
@@ -135,7 +141,7 @@ def synthetic_inputs(model: nn.Module, settings: SyntheticSettings | None = None
     """Inputs synthesised to match the model's BatchNorm statistics (no real image) with ``settings``
     (default: those of ``using``), made once per model weights: from memory, else from the disk cache,
     else made and kept there."""
-    settings = settings or _SETTINGS.get()
+    settings = settings or current_settings()
     size = input_size(model)
     images = settings.images or image_count(size)
 

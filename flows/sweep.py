@@ -1,6 +1,6 @@
 """The sweep as a Prefect flow, shaped like the pipeline:
 
-    load model ─► fp32 baseline ─► profile fp32 ─► cluster classes ─► synthesize data ─► compile kernels
+    load model ─► fp32 baseline ─► profile fp32 ─► cluster classes ─► calibration data ─► compile kernels
       ─► for each packed file, in parallel: quantize+pack ─► compress ─► profile ─► evaluate each kernel ─► rows
       ─► results ─► report
 
@@ -30,11 +30,12 @@ from prefect.cache_policies import NO_CACHE
 from bitsweep import analyses
 from bitsweep import sweep as steps
 from bitsweep.budget import MemoryBudget, cell_bytes
-from bitsweep.cells import Cell, ModelRecord, cached_row, cell_key, check_sweeps, expand_models, find_record, plan_cells
+from bitsweep.cells import Cell, ModelRecord, cached_row, cell_key, expand_models, find_record, plan_cells
 from bitsweep.config import Sweep, load_config
 from bitsweep.errors import BitsweepError, first_line
 from bitsweep.files import run_lock
 from bitsweep.flows import runners
+from bitsweep.loaded import check_sweeps
 from bitsweep.report import data_uri, to_markdown, write_report
 from bitsweep.results import COLUMNS, failed_model_row, failed_row, write_results
 
@@ -96,8 +97,8 @@ def profile_model(sweep: Sweep, record: ModelRecord) -> dict:
 
 
 @_task
-def synthesize(sweep: Sweep, record: ModelRecord) -> dict:
-    return _timed(steps.synthesize_data, sweep, record)
+def calibration_data(sweep: Sweep, record: ModelRecord) -> dict:
+    return _timed(steps.calibration_data, sweep, record)
 
 
 @_task
@@ -202,8 +203,9 @@ def run_sweep(sweep: Sweep, budget: MemoryBudget | None = None) -> list[dict]:
     for record in records:
         profile_model.with_options(task_run_name=f"profile {record.model} fp32")(sweep, record)
         cluster_classes.with_options(task_run_name=f"cluster classes {record.model}")(sweep, record)
-        if any(cell.uses_synthetic for cell in plan_cells(sweep, record.model)):
-            synthesize.with_options(task_run_name=f"synthesize data {record.model}")(sweep, record)
+        if any(cell.uses_data for cell in plan_cells(sweep, record.model)):
+            step = "calibration images" if sweep.calibration else "synthesize data"
+            calibration_data.with_options(task_run_name=f"{step} {record.model}")(sweep, record)
     sensitivities = [layer_sensitivity.with_options(task_run_name=f"layer sensitivity {record.model}")
                      .submit(sweep, record) for record in records if sweep.sensitivity.images]
     compile_kernels.with_options(task_run_name="compile kernels")()

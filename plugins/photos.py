@@ -2,7 +2,9 @@
 
 No ImageNet images can be fetched offline, but a quantized ImageNet model can
 still be compared with its fp32 self (top-1 agreement, KL) on natural inputs:
-these photos, each seen through several deterministic crops and mirrorings.
+these photos, each seen through several deterministic crops and mirrorings (split
+``test``). Split ``train`` holds other photos of the same wheel, for calibration:
+none of them is an evaluation photo or a crop of one.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from bitsweep.plugins.imagefolder import preprocess
 # skimage.data functions whose files are inside the scikit-image wheel (no download); grey ones become RGB.
 PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel", "hubble_deep_field",
           "moon", "rocket")
+# The calibration photos (skimage's ``cat`` is ``chelsea`` again, so it is not one of them).
+CALIBRATION_PHOTOS = {"motorcycle_left": lambda data: data.stereo_motorcycle()[0],
+                      "motorcycle_right": lambda data: data.stereo_motorcycle()[1],
+                      **{name: lambda data, name=name: getattr(data, name)()
+                         for name in ("immunohistochemistry", "retina", "clock", "cell", "page", "text")}}
 DEFAULT_VIEWS = 8
 
 
@@ -45,9 +52,12 @@ def _skimage_data():
     return data
 
 
-def load_photos() -> list[Image.Image]:
+def load_photos(split: str = "test") -> list[Image.Image]:
+    """The evaluation photos (``test``) or the calibration photos (``train``), as RGB."""
     data = _skimage_data()
-    return [Image.fromarray(getattr(data, name)()).convert("RGB") for name in PHOTOS]
+    arrays = [getattr(data, name)() for name in PHOTOS] if split == "test" else \
+        [read(data) for read in CALIBRATION_PHOTOS.values()]
+    return [Image.fromarray(array).convert("RGB") for array in arrays]
 
 
 def imagenet_class_names() -> list[str]:
@@ -61,7 +71,8 @@ def imagenet_class_names() -> list[str]:
 class Photos(Dataset):
     name = "photos"
     description = (f"{len(PHOTOS)} unlabelled photos from scikit-image x {DEFAULT_VIEWS} crops (option views:), "
-                   "for agreement with fp32 only")
+                   f"for agreement with fp32 only; split train: {len(CALIBRATION_PHOTOS)} other photos, "
+                   "for calibration")
 
     def check(self, options: dict) -> None:
         self._views(options)
@@ -73,12 +84,8 @@ class Photos(Dataset):
 
     def load(self, split: str, options: dict, data_config: dict | None = None) -> ImageSet:
         count = self._views(options)
-        if split == "train":
-            raise BitsweepError(f"dataset {self.name!r} is evaluation-only (unlabelled photos, no train split); "
-                                "train on a labelled dataset such as fashion-mnist, or use trained weights "
-                                "(e.g. source: efficientnet-lite)")
         check_split(self.name, split)
-        views = [view for photo in load_photos() for view in views_of(photo, count)]
+        views = [view for photo in load_photos(split) for view in views_of(photo, count)]
         return ImageSet(preprocess(views, data_config), labels=None, class_names=imagenet_class_names())
 
 

@@ -26,6 +26,7 @@ os.environ.setdefault("BITSWEEP_KERNELS_DIR", tempfile.mkdtemp(prefix="bitsweep-
 import httpx  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 import yaml  # noqa: E402
 
 from bitsweep.evaluate import relative_error  # noqa: E402,F401  (the tests import it from here)
@@ -41,6 +42,20 @@ def pytest_configure(config):
 
 STABLE = ["model", "scheme", "bits", "policy", "status", "top1", "top5", "agreement", "kl", "params",
           "quantized_layers", "bytes_stored", "entropy_bytes", "bytes_gzip", "bytes_7z", "bytes_zstd", "key"]
+
+
+def conv_bn_net(seed=0):
+    """A small conv-BN net whose running statistics describe inputs unlike noise (mean 0.5, spread 2)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    model.train()
+    with torch.no_grad():
+        for _ in range(10):
+            model(torch.randn(32, 3, 32, 32) * 2 + 0.5)
+    model.pretrained_cfg = {"input_size": (3, 32, 32)}
+    return model.eval()
 
 
 def randomize_norms(model, seed=0):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from bitsweep import figures
 from bitsweep.profile import WHOLE_MODEL
-from bitsweep.report import grouping_table, load_run, same_partition, superclass_table
+from bitsweep.report import grouping_table, load_run, same_partition, summary_table, superclass_table
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +115,22 @@ def test_report_on_a_folder_without_results_is_one_line(tmp_path, run_cli):
     assert result.stderr.strip().splitlines() == [
         f"bitsweep: error: {tmp_path}: no results.json; point at a sweep's run directory (runs/<sweep>) "
         "after `bitsweep run` has written it"]
+
+
+def test_the_headline_names_the_recipe_and_data_that_reached_the_fewest_bits():
+    def row(model, scheme, bits, top1, recipe="none", calibration="", policy="full"):
+        return {"model": model, "scheme": scheme, "bits": bits, "top1": top1, "recipe": recipe, "status": "ok",
+                "calibration": calibration, "policy": policy, "granularity": "channel", "kernel": "weight-only"}
+
+    rows = [row("a", "fp32", 32, 90.0, recipe=""), row("a", "asymmetric", 5, 89.5), row("a", "asymmetric", 4, 85.0),
+            row("a", "asymmetric", 4, 89.1, "bias", "synthetic"), row("a", "pow2", 3, 88.9, "bias", "synthetic"),
+            row("b", "fp32", 32, 50.0, recipe=""), row("b", "symmetric", 3, 49.5),
+            row("b", "symmetric", 3, 49.9, "gptq", "photos train 64"),
+            row("c", "fp32", 32, 70.0, recipe=""), row("c", "pow2", 8, 60.0)]
+    assert summary_table(rows).rows == [
+        ["a", "90.00", "4", "asymmetric bias", "bias", "synthetic", "5"],  # pow2 3-bit lost 1.1 points
+        ["b", "50.00", "3", "symmetric gptq", "gptq", "photos train 64", "3"],  # the better of two at 3 bits
+        ["c", "70.00", "—", "none; closest: pow2 8b at 60.00", "none (plain rounding)", "—", "—"]]
 
 
 def test_recovered_grouping_is_shown_next_to_the_natural_one():

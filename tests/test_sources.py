@@ -99,8 +99,8 @@ def test_photos_follow_each_models_data_config():
 
 
 def test_photos_errors():
-    with pytest.raises(BitsweepError, match="evaluation-only"):
-        Photos().load("train", {})
+    with pytest.raises(BitsweepError, match="unknown split 'val'"):
+        Photos().load("val", {})
     with pytest.raises(BitsweepError, match="views must be a positive integer"):
         Photos().load("test", {"views": 0})
     with pytest.raises(BitsweepError, match="unknown option"):

@@ -12,7 +12,8 @@ import yaml
 from conftest import cli, make_distribution, stable, write_config
 
 from bitsweep import sweep as steps
-from bitsweep.cells import Cell, check_sweeps, plan_cells
+from bitsweep.cells import Cell, plan_cells
+from bitsweep.loaded import check_sweeps
 from bitsweep.config import load_config
 
 

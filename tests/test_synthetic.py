@@ -5,28 +5,14 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 import bitsweep
 from bitsweep import synthetic
 from bitsweep.cells import plan_cells
-from bitsweep.config import parse_config
+from bitsweep.config import Calibration, Synthetic, parse_config
 from bitsweep.errors import BitsweepError
 from bitsweep.synthetic import SyntheticSettings, synthesize, synthetic_inputs
-
-
-def conv_bn_net(seed=0):
-    """A small conv-BN net whose running statistics describe inputs unlike noise (mean 0.5, spread 2)."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
-    model.train()
-    with torch.no_grad():
-        for _ in range(10):
-            model(torch.randn(32, 3, 32, 32) * 2 + 0.5)
-    model.pretrained_cfg = {"input_size": (3, 32, 32)}
-    return model.eval()
+from conftest import conv_bn_net
 
 
 def batchnorm_mismatch(model, x):
@@ -125,9 +111,17 @@ def sweep_with(**changes):
     return parse_config(config).sweeps[0]
 
 
-def test_cells_name_their_synthetic_settings_only_when_they_use_them():
-    default = plan_cells(sweep_with(), "m")
-    assert all(cell.synthetic is None for cell in default)
-    chosen = plan_cells(sweep_with(synthetic={"images": 32, "steps": 100}), "m")
-    assert [cell.synthetic is not None for cell in chosen] == [cell.recipe != "none" for cell in chosen]
-    assert chosen[0] == default[0]  # plain rounding: the same cell, the same resumable key
+@pytest.mark.parametrize("changes, field, value", [
+    ({}, "synthetic", Synthetic()),
+    ({"synthetic": {"images": 32, "steps": 100}}, "synthetic", Synthetic(images=32, steps=100)),
+    ({"calibration": {"dataset": "synthetic", "images": 16}}, "calibration",
+     Calibration(dataset={"name": "synthetic"}, images=16)),
+])
+def test_cells_name_the_data_they_read_only_when_they_read_some(changes, field, value):
+    cells = plan_cells(sweep_with(kernels=["weight-only", "int8"], **changes), "m")
+    reads = [cell.recipe != "none" or cell.kernel == "int8" for cell in cells]
+    assert reads == [False, True, True, True] and [cell.uses_data for cell in cells] == reads
+    assert [getattr(cell, field) for cell in cells] == [value if r else None for r in reads]
+    assert all(getattr(cell, other) is None for cell in cells for other in {"synthetic", "calibration"} - {field})
+    plain, plain_int8 = (cell for cell in cells if cell.recipe == "none")
+    assert plain_int8.packing == plain  # one packed file for both kernel paths of plain rounding
