@@ -70,6 +70,7 @@ def run(
 
     from bitsweep.config import load_config
     from bitsweep.flows import prefect_environment
+    from bitsweep.synthetic import watching
 
     sweeps = load_config(config).sweep(sweep)  # fail on a bad file, model name or dataset before Prefect starts
     prefect_environment()
@@ -78,17 +79,25 @@ def run(
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     bar = Progress(*columns, console=console, transient=False)
     totals = {}  # sweep -> its cell count, known once it starts
+    bars = {}  # "cells", and "synthetic" while a synthetic set is being made
 
     def advance(row, total):
-        if not totals:  # the first row: the checks passed and cells are running
+        if "cells" not in bars:  # the first row: the checks passed and cells are running
             bar.start()
-            bar.add_task("cells", total=None)
+            bars["cells"] = bar.add_task("cells", total=None)
         totals[row["sweep"]] = total
-        bar.update(bar.task_ids[0], total=sum(totals.values()), advance=1,
+        bar.update(bars["cells"], total=sum(totals.values()), advance=1,
                    description=f"{row['model']} {row['scheme']} {row['bits']}b")
 
+    def synthesizing(done, total):
+        if done == 1:  # a new set: a bar of its own, left behind when it is made
+            bar.start()
+            bars["synthetic"] = bar.add_task("synthetic data (optimisation steps)", total=total)
+        bar.update(bars["synthetic"], completed=done)
+
     try:
-        run_sweeps(config, sweep, runner, address, max_workers, on_row=advance)
+        with watching(synthesizing):
+            run_sweeps(config, sweep, runner, address, max_workers, on_row=advance)
     finally:
         bar.stop()
         if totals:

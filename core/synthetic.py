@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -76,6 +77,7 @@ class SyntheticSettings:
 
 
 _SETTINGS: contextvars.ContextVar[SyntheticSettings] = contextvars.ContextVar("synthetic", default=SyntheticSettings())
+_WATCHERS: list[Callable[[int, int], None]] = []  # see ``watching``
 
 
 @contextlib.contextmanager
@@ -86,6 +88,17 @@ def using(settings: SyntheticSettings | None):
         yield
     finally:
         _SETTINGS.reset(token)
+
+
+@contextlib.contextmanager
+def watching(callback: Callable[[int, int], None]):
+    """Inside, ``callback(done, total)`` follows every optimisation step of any set being made, in any thread:
+    what a progress bar needs (the CLI shows one)."""
+    _WATCHERS.append(callback)
+    try:
+        yield
+    finally:
+        _WATCHERS.remove(callback)
 
 
 def current_settings() -> SyntheticSettings:
@@ -197,14 +210,22 @@ def synthesize(model: nn.Module, size: tuple[int, ...], images: int | None = Non
         return torch.randn((FEWEST, *size), generator=generator)
     images = images or image_count(size)
     batch = max(1, BATCH_PIXELS // (size[-1] * size[-2] if len(size) == 3 else 224 * 224))
-    batches = [_synthesize_batch(model, norms, size, min(batch, images - start), steps, generator, start)
-               for start in range(0, images, batch)]
-    return torch.cat(batches)
+    starts = range(0, images, batch)
+    done, total = 0, len(starts) * steps
+
+    def stepped():
+        nonlocal done
+        done += 1
+        for watcher in list(_WATCHERS):
+            watcher(done, total)
+
+    return torch.cat([_synthesize_batch(model, norms, size, min(batch, images - start), steps, generator, start,
+                                        stepped) for start in starts])
 
 
 def _synthesize_batch(model: nn.Module, norms: list[nn.BatchNorm2d], size: tuple[int, ...], count: int, steps: int,
-                     generator: torch.Generator, first: int = 0) -> torch.Tensor:
-    """One batch of ``synthesize``: images ``first .. first + count`` of the set."""
+                     generator: torch.Generator, first: int, stepped: Callable[[], None]) -> torch.Tensor:
+    """One batch of ``synthesize``: images ``first .. first + count`` of the set; ``stepped()`` after each step."""
     natural = len(size) == 3 and min(size[1:]) >= NATURAL_SIDE
     x = torch.randn((count, *size), generator=generator)
     coarse = natural and steps >= 4 and _runs_at_half(model, x)
@@ -241,6 +262,7 @@ def _synthesize_batch(model: nn.Module, norms: list[nn.BatchNorm2d], size: tuple
                     loss = loss + CLASSES * F.cross_entropy(out, targets)
                 loss.backward()
                 optimizer.step()
+                stepped()
                 if steps >= 10 and (step + 1) % max(1, steps // 5) == 0:
                     log.info("synthetic images %d-%d: step %d of %d, loss %.4g", first, first + count - 1,
                              step + 1, steps, loss.item())

@@ -67,6 +67,15 @@ def test_a_set_is_made_once_and_found_on_disk(cache, monkeypatch):
     assert torch.equal(synthetic_inputs(copy.deepcopy(model), settings), made)
 
 
+def test_progress_follows_every_step_of_every_batch(monkeypatch):
+    monkeypatch.setattr(synthetic, "BATCH_PIXELS", 2 * 32 * 32)  # 2 images of 32 x 32 per batch: 3 batches for 5
+    seen = []
+    with synthetic.watching(lambda done, total: seen.append((done, total))):
+        made = synthesize(conv_bn_net(), (3, 32, 32), images=5, steps=4)
+    synthesize(conv_bn_net(), (3, 32, 32), images=1, steps=2)  # no longer watched
+    assert made.shape[0] == 5 and seen == [(done, 12) for done in range(1, 13)]
+
+
 def test_settings_and_weights_decide_the_set(cache):
     model = conv_bn_net()
     first = synthetic_inputs(model, SyntheticSettings(images=4, steps=4))
