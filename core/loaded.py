@@ -25,11 +25,15 @@ def _split(dataset: str, options_json: str, split: str, data_config_json: str) -
     return get_registry().get("dataset", dataset).load(split, json.loads(options_json), data_config)
 
 
+def _config_json(module: torch.nn.Module | None) -> str:
+    """timm's data config for ``module`` (None: the dataset's default), as a cache key."""
+    config = None if module is None else timm.data.resolve_data_config({}, model=module)
+    return json.dumps(config, sort_keys=True, default=list)
+
+
 def _load(dataset, split: str, module: torch.nn.Module | None) -> ImageSet:
     """``split`` of a sweep's ``dataset`` entry, transformed for ``module`` (None: the dataset's default)."""
-    config = None if module is None else timm.data.resolve_data_config({}, model=module)
-    return _split(dataset.name, json.dumps(dataset.options, sort_keys=True), split,
-                  json.dumps(config, sort_keys=True, default=list))
+    return _split(dataset.name, json.dumps(dataset.options, sort_keys=True), split, _config_json(module))
 
 
 def eval_data(sweep: Sweep, module: torch.nn.Module | None) -> ImageSet:
@@ -43,10 +47,20 @@ def calibration_images(sweep: Sweep, module: torch.nn.Module | None) -> torch.Te
     calibration: Calibration | None = sweep.calibration
     if calibration is None:
         return None
-    with get_registry().blame("dataset", calibration.dataset.name):
-        data = _load(calibration.dataset, calibration.split, module)
-    return draw(data, calibration.images, f"{calibration.dataset.name} split {calibration.split}",
-                eval_data(sweep, module))
+    return _drawn(calibration.dataset.name, json.dumps(calibration.dataset.options, sort_keys=True),
+                  calibration.split, calibration.images, sweep.dataset.name,
+                  json.dumps(sweep.dataset.options, sort_keys=True), _config_json(module))
+
+
+@functools.lru_cache(maxsize=4)
+def _drawn(name: str, options_json: str, split: str, count: int, evaluation: str, evaluation_options_json: str,
+           config_json: str) -> torch.Tensor:
+    """``calibration_images``, drawn once per process: the overlap check reads every evaluation image, and
+    every cell of the model asks."""
+    with get_registry().blame("dataset", name):
+        data = _split(name, options_json, split, config_json)
+    return draw(data, count, f"{name} split {split}",
+                _split(evaluation, evaluation_options_json, EVALUATION_SPLIT, config_json))
 
 
 @functools.lru_cache(maxsize=4)
