@@ -10,10 +10,14 @@ Adam on the output error plus a regulariser that drives ``h`` to 0 or 1 (its exp
 plain rounding or a clipping search chose — so the codes stay the scheme's own and packed files and
 kernels are unchanged.
 
-Layers are done in model order, each one's input taken from the model whose earlier layers are already
-quantized and its target from the fp32 model, so each layer also makes up for the errors upstream
-(AdaRound's and BRECQ's "quantized input" setting). The inputs are synthesised to match the model's
-BatchNorm statistics (``synthetic.synthetic_inputs``); no image is used.
+A layer's errors also meet those of the layers after it in its residual block (a bottleneck's 1 x 1
+expansion, depthwise conv and projection). BRECQ (Li et al. 2021, "Pushing the Limit of Post-Training
+Quantization by Block Reconstruction") learns the roundings of a block's layers together, on the
+block's output: the unit of ``reconstruction_units``. Units are done in model order, each one's input
+taken from the model whose earlier units are already quantized and its target from the fp32 model, so
+each unit also makes up for the errors upstream (AdaRound's and BRECQ's "quantized input" setting). The
+inputs are ``calibration.calibration_inputs``: synthesised to match the model's BatchNorm statistics, or
+a user's calibration images.
 """
 
 from __future__ import annotations
@@ -87,68 +91,105 @@ def neighbours(w: torch.Tensor, start: QuantizedTensor) -> Neighbours:
     return Neighbours(*(ungrouped(t, w.shape, pad) for t in (low_codes, high_codes, low, high, fraction)))
 
 
-def learn_rounding(layer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, start: QuantizedTensor, *,
-                   iterations: int = ITERATIONS, batch: int = BATCH, lr: float = LR,
-                   regularization: float = REGULARIZATION, seed: int = 0) -> QuantizedTensor:
-    """``start``'s codes for ``layer``'s weight, each moved to whichever of its two neighbouring levels makes
-    ``layer``'s outputs on ``inputs`` closest to ``targets``. The layer runs its own forward (so timm's padding
-    variants count) with its bias as it is. Each step takes ``batch`` inputs, or as many as hold ``POSITIONS``
-    output positions when that is fewer (at least one). A layer whose inputs hold fewer than ``SAMPLES`` vectors
-    per weight of a row (a classifier on a few synthetic images) keeps ``start``: its rounding is under-determined
-    and would be fitted to those inputs. Seeded: the same arguments give the same codes."""
-    w = layer.weight.detach()
-    channel = inputs.dim() - 1 if isinstance(layer, nn.Linear) else 1
+def learn_rounding(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                   starts: dict[str, QuantizedTensor], *, iterations: int = ITERATIONS, batch: int = BATCH,
+                   lr: float = LR, regularization: float = REGULARIZATION, seed: int = 0) -> dict[str, QuantizedTensor]:
+    """``starts``' codes for the weights of ``module``'s named submodules (``""``: ``module`` itself, a layer),
+    each moved to whichever of its two neighbouring levels makes ``module``'s outputs on ``inputs`` closest to
+    ``targets``: one layer (AdaRound) or, learned together, the layers of a block (BRECQ). The module runs its
+    own forward (so timm's padding variants, activations and residual adds count) with everything else as it
+    is. Each step takes ``batch`` inputs, or as many as hold ``POSITIONS`` output positions when that is fewer
+    (at least one). A layer whose rows hold more weights than the inputs hold output positions per ``SAMPLES``
+    (a classifier on a few synthetic images) keeps its ``starts`` codes: their rounding is under-determined and
+    would be fitted to those inputs; in a block, the other layers learn theirs. Seeded: the same arguments give
+    the same codes."""
+    layers = {name: module.get_submodule(name) for name in starts}
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        channel = targets.dim() - 1 if isinstance(module, nn.Linear) else 1
+    else:  # a block: a conv net's feature maps, else tokens
+        channel = 1 if targets.dim() == 4 else targets.dim() - 1
     positions = targets[0].numel() // max(targets.shape[channel], 1)
-    if w.numel() == 0 or iterations < 1 or len(inputs) * positions < SAMPLES * w[0].numel():
-        return start
-    grid = neighbours(w, start)
-    gap = (grid.high - grid.low).to(w.dtype)
-    p = ((grid.fraction - GAMMA) / (ZETA - GAMMA)).clamp(1e-6, 1 - 1e-6)  # h(V) starts at the fraction
-    v = torch.log(p / (1 - p)).requires_grad_(True)
+    learnable = [name for name, layer in layers.items()
+                 if layer.weight.numel() and len(inputs) * positions >= SAMPLES * layer.weight[0].numel()]
+    if not learnable or iterations < 1:
+        return dict(starts)
+    grids = {name: neighbours(layers[name].weight.detach(), starts[name]) for name in learnable}
+    gaps = {name: (grid.high - grid.low).to(layers[name].weight.dtype) for name, grid in grids.items()}
+    vs = {}
+    for name, grid in grids.items():
+        p = ((grid.fraction - GAMMA) / (ZETA - GAMMA)).clamp(1e-6, 1 - 1e-6)  # h(V) starts at the fraction
+        vs[name] = torch.log(p / (1 - p)).requires_grad_(True)
     batch = max(1, min(batch, len(inputs), POSITIONS // positions))
     warm = int(WARMUP * iterations)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam([v], lr=lr)
+    optimizer = torch.optim.Adam(list(vs.values()), lr=lr)
     start_time = time.perf_counter()
     with torch.enable_grad():  # quantize_layers rounds under no_grad
         for step in range(iterations):
             index = torch.randperm(len(inputs), generator=generator)[:batch]
-            h = rectified_sigmoid(v)
-            out = torch.func.functional_call(layer, {"weight": grid.low + h * gap}, (inputs[index],))
+            hs = {name: rectified_sigmoid(v) for name, v in vs.items()}
+            weights = {_parameter(name): grids[name].low + hs[name] * gaps[name] for name in hs}
+            out = torch.func.functional_call(module, weights, (inputs[index],))
             loss = (out - targets[index]).square().sum(channel).mean()
             if step >= warm:
                 beta = BETA[1] + (BETA[0] - BETA[1]) * (1 - (step - warm) / max(iterations - warm, 1))
-                loss = loss + regularization * (1 - (2 * h - 1).abs().pow(beta)).sum()
-            (v.grad,) = torch.autograd.grad(loss, [v])  # no other tensor's gradient
+                loss = loss + regularization * sum((1 - (2 * h - 1).abs().pow(beta)).sum() for h in hs.values())
+            grads = torch.autograd.grad(loss, list(vs.values()))  # no other tensor's gradient
+            for v, grad in zip(vs.values(), grads):
+                v.grad = grad
             optimizer.step()
-    with torch.no_grad():
-        codes = grid.choose(rectified_sigmoid(v) >= 0.5)
-    log.debug("learned rounding of %s weights: %d steps in %.2f s", tuple(w.shape), iterations,
+    log.debug("learned rounding of %d layers: %d steps in %.2f s", len(vs), iterations,
               time.perf_counter() - start_time)
-    return dataclasses.replace(start, codes=codes.to(start.codes.dtype))
+    with torch.no_grad():
+        return starts | {name: dataclasses.replace(starts[name], codes=grids[name].choose(rectified_sigmoid(v) >= 0.5)
+                                                   .to(starts[name].codes.dtype)) for name, v in vs.items()}
 
 
-def layer_input_output(model: nn.Module, inputs: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The named layer's input and output on its first call in one eval pass of ``model`` (``None`` if the
-    pass never calls it)."""
+def _parameter(name: str) -> str:
+    """The weight's key for ``functional_call`` on the module holding the named submodule."""
+    return f"{name}.weight" if name else "weight"
+
+
+def unit_input_output(model: nn.Module, inputs: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The named module's input and output on its first call in one eval pass of ``model`` (``None`` if the
+    pass never calls it, or calls it with more than one input: a block whose forward needs more than the
+    tensor it transforms is not reconstructed)."""
     seen = []
 
-    def keep(_, layer, args, output):
+    def keep(_, module, args, output):
         if not seen:
-            seen.append((args[0].detach(), output.detach()))
+            seen.append((args[0].detach().clone(), output.detach().clone()) if len(args) == 1 and
+                        isinstance(output, torch.Tensor) else None)
 
     with torch.no_grad():
         run_with_hooks(model, inputs, {name}, keep)
     return seen[0] if seen else None
 
 
-def adaround(reference: nn.Module, quantized: nn.Module, name: str, inputs: torch.Tensor, start: QuantizedTensor,
-             **options) -> QuantizedTensor:
-    """``start``'s codes for layer ``name`` learned so that, fed what ``quantized`` (its earlier layers already
-    quantized) gives it, the layer reproduces what ``reference``'s fp32 layer outputs in ``reference``.
-    ``options`` are ``learn_rounding``'s."""
-    fp32 = layer_input_output(reference, inputs, name)
-    fed = layer_input_output(quantized, inputs, name)
-    if fp32 is None or fed is None:  # a layer the forward pass never reaches keeps its nearest levels
-        return start
-    return learn_rounding(quantized.get_submodule(name), fed[0], fp32[1], start, **options)
+def reconstruction_units(model: nn.Module, names) -> dict[str, list[str]]:
+    """The named layers grouped into the units block reconstruction learns together, in model order: each
+    block -- a module listed in an ``nn.Sequential`` or ``nn.ModuleList`` that is not itself one, as timm
+    lists residual blocks (``blocks.1.0``, ``layer2.1``, ``stages.0.blocks.2``) -- with the named layers
+    inside it; a layer in no block (a stem, a head) is a unit alone. Unit name -> layer names."""
+    containers = (nn.Sequential, nn.ModuleList)
+    blocks = [name for name, module in model.named_modules() if name and not isinstance(module, containers)
+              and isinstance(model.get_submodule(name.rpartition(".")[0]) if "." in name else model, containers)]
+    units: dict[str, list[str]] = {}
+    for name in names:
+        block = next((b for b in blocks if name == b or name.startswith(b + ".")), name)
+        units.setdefault(block, []).append(name)
+    return units
+
+
+def adaround(reference: nn.Module, quantized: nn.Module, unit: str, inputs: torch.Tensor,
+             starts: dict[str, QuantizedTensor], **options) -> dict[str, QuantizedTensor]:
+    """``starts``' codes for the layers of ``unit`` (a layer, or a block and the named layers in it) learned
+    so that, fed what ``quantized`` (its earlier units already quantized) gives it, the unit reproduces what
+    ``reference``'s fp32 unit outputs in ``reference``. ``options`` are ``learn_rounding``'s."""
+    fp32 = unit_input_output(reference, inputs, unit)
+    fed = unit_input_output(quantized, inputs, unit)
+    if fp32 is None or fed is None:  # a unit the forward pass never reaches keeps its nearest levels
+        return dict(starts)
+    inside = {name[len(unit) + 1:] if name != unit else "": start for name, start in starts.items()}
+    learned = learn_rounding(quantized.get_submodule(unit), fed[0], fp32[1], inside, **options)
+    return {f"{unit}.{name}" if name else unit: qt for name, qt in learned.items()}

@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
-from bitsweep.adaround import adaround
+from bitsweep.adaround import adaround, reconstruction_units
 from bitsweep.calibration import calibration_inputs
 from bitsweep.equalize import equalize, fold_batchnorm
 from bitsweep.errors import BitsweepError
@@ -191,13 +191,14 @@ def correct_bias(reference: nn.Module, quantized: nn.Module, inputs: torch.Tenso
 class Pipeline(Recipe):
     """A recipe made of optional steps, in this order: fold BatchNorm, equalize, round (plain or with
     an Lp clipping search; then, on that grid, GPTQ with ``error_feedback`` or AdaRound with
-    ``learned_rounding``: ``True``, or a dict of ``adaround.learn_rounding``'s keyword options), correct
+    ``learned_rounding``: ``True``, or a dict of ``adaround.learn_rounding``'s keyword options; layer by
+    layer, or with ``blocks`` each residual block's layers together, BRECQ), correct
     biases (``bias_correction``: ``"layer"`` or ``"sequential"``), tune the channel parameters (``tune``;
     only for models with BatchNorm: without it the synthetic inputs are noise)."""
 
     def __init__(self, name: str, description: str, *, fold: bool = False, equalize: bool = False,
                  clip_p: float | None = None, error_feedback: bool = False, learned_rounding: bool | dict = False,
-                 bias_correction: str | None = None, tune: bool = False):
+                 blocks: bool = False, bias_correction: str | None = None, tune: bool = False):
         if bias_correction not in (None, "layer", "sequential"):
             raise BitsweepError(f"recipe {name!r}: bias_correction {bias_correction!r} is not understood; "
                                 "use None, 'layer' or 'sequential'")
@@ -209,7 +210,7 @@ class Pipeline(Recipe):
         self.name, self.description = name, description
         self.fold, self.equalize = fold or equalize, equalize
         self.clip_p, self.error_feedback, self.bias_correction = clip_p, error_feedback, bias_correction
-        self.tune = tune
+        self.tune, self.blocks = tune, blocks
 
     def rounding(self, w, scheme, bits, granularity, group_size):
         if self.clip_p is None:
@@ -228,7 +229,7 @@ class Pipeline(Recipe):
         if self.error_feedback:
             rounding = self._with_feedback(model, work, target, spec, policy)
         elif self.learned_rounding is not None:
-            rounding = self._learned(model, work, target)
+            rounding = self._learned(model, work, target, spec, policy)
         else:
             rounding = self.rounding
         quantized = quantize_layers(target, spec, policy, rounding)
@@ -247,11 +248,25 @@ class Pipeline(Recipe):
         layer_of = {id(layer.weight): name for name, layer in quantizable_layers(target)}
         return lambda w, *args: error_feedback(w, moments[layer_of[id(w)]], self.rounding(w, *args))
 
-    def _learned(self, model, work, target):
+    def _learned(self, model, work, target, spec, policy):
         """This recipe's rounding followed by AdaRound, for ``target``'s layers as ``quantize_layers`` reaches
-        them in order: each layer's input comes from ``target`` with the layers before it quantized, its
-        target output from ``work`` (fp32, after folding), on ``model``'s calibration inputs."""
+        them in order: each unit's (a layer, or with ``blocks`` a block's layers together) input comes from
+        ``target`` with the units before it quantized, its target output from ``work`` (fp32, after folding),
+        on ``model``'s calibration inputs. A unit is learned when its first layer is reached."""
         inputs = calibration_inputs(model)
         layer_of = {id(layer.weight): name for name, layer in quantizable_layers(target)}
-        return lambda w, *args: adaround(work, target, layer_of[id(w)], inputs, self.rounding(w, *args),
-                                         **self.learned_rounding)
+        plan = policy.plan(list(layer_of.values()), spec.bits)
+        units = reconstruction_units(target, plan) if self.blocks else {name: [name] for name in plan}
+        unit_of = {name: unit for unit, names in units.items() for name in names}
+        learned = {}
+
+        def rounding(w, scheme, bits, granularity, group_size):
+            name = layer_of[id(w)]
+            if name not in learned:
+                unit = unit_of[name]
+                starts = {member: self.rounding(target.get_submodule(member).weight, scheme, plan[member],
+                                                granularity, group_size) for member in units[unit]}
+                learned.update(adaround(work, target, unit, inputs, starts, **self.learned_rounding))
+            return learned.pop(name)
+
+        return rounding

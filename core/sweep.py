@@ -105,10 +105,15 @@ def quantize_cell(sweep: Sweep, record: ModelRecord, cell: Cell) -> dict:
     path = folder / "model.safetensors"
     if (folder / "packed.json").exists() and path.exists():
         return json.loads((folder / "packed.json").read_text()) | {"packed": str(path)}
+    module = fp32_module(record)
+    data = {}
+    if cell.uses_data:  # synthetic: the settings, not the set (allocate's cache is keyed on them, not on a hash)
+        data = {"calibration": calibration_images(sweep, module)} if sweep.calibration else \
+            {"synthetic": sweep.synthetic.settings()}
     with get_registry().blame("scheme", cell.scheme):  # a plugin's bug fails the cell, naming the plugin
-        quantized = quantize_model(fp32_module(record), cell.scheme, cell.bits, cell.granularity, cell.policy,
+        quantized = quantize_model(module, cell.scheme, cell.bits, cell.granularity, cell.policy,
                                    group_size=cell.group_size, recipe=None if cell.recipe == "none" else cell.recipe,
-                                   calibration=sweep_inputs(sweep, record) if cell.uses_data else None)
+                                   **data)
     save_packed(quantized, path, record.arch, record.arch_kwargs)
     info = {"packed": str(path), "quantized_layers": len(quantized.quantized_layers),
             "bytes_stored": path.stat().st_size, "entropy_bytes": code_entropy_bytes(quantized)}

@@ -46,6 +46,8 @@ STEPS, LR = 30, 0.2  # Adam steps and learning rate
 FEWEST, MOST = 8, 1024  # images made: as many pixels as FEWEST of 224 x 224 hold, at most MOST images
 BATCH_PIXELS = 64 * 224 * 224  # images optimised together (each batch's statistics matched on its own): memory
 CLASSES = 0.05  # weight of the cross-entropy term (BatchNorm matching: 1)
+THREADS = 2  # torch threads a set is made with, whatever the caller's: a conv's sums split by thread count, so the
+# set's floats (and every result read from it) would otherwise depend on the thread count of whoever made it first
 NATURAL_SIDE = 32  # inputs at least this wide and high get the half-resolution start and the class term
 _SOURCE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]  # a changed generator makes new sets
 log = logging.getLogger(__name__)
@@ -202,8 +204,25 @@ def image_count(size: tuple[int, ...]) -> int:
 
 def synthesize(model: nn.Module, size: tuple[int, ...], images: int | None = None, steps: int = STEPS) -> torch.Tensor:
     """``images`` inputs (default: ``image_count``) whose per-layer batch statistics match the BatchNorm
-    running statistics, seeded (see the module's docstring). Standard-normal inputs when the model has
-    no BatchNorm: noise says nothing of the data, and more of it would only teach GPTQ the noise."""
+    running statistics, seeded (see the module's docstring), made on ``THREADS`` threads. Standard-normal inputs
+    when the model has no BatchNorm: noise says nothing of the data, and more of it would only teach GPTQ the
+    noise."""
+    with _threads(THREADS):
+        return _synthesize(model, size, images, steps)
+
+
+@contextlib.contextmanager
+def _threads(count: int):
+    """torch's intra-op threads set to ``count`` inside, restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _synthesize(model: nn.Module, size: tuple[int, ...], images: int | None, steps: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
     norms = batchnorms(model)
     if not norms:

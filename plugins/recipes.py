@@ -32,6 +32,12 @@ def register_recipes():
                  "matches fp32's (BatchNorm-matched synthetic inputs)", fold=True, learned_rounding=True),
         Pipeline("adaround-bias", "adaround, then bias correction", fold=True, learned_rounding=True,
                  bias_correction="layer"),
+        Pipeline("brecq", "BRECQ: BatchNorm folded, then AdaRound's learned rounding for the layers of each residual "
+                 "block together, so that the block's output on what the quantized blocks before it pass on matches "
+                 "fp32's (a layer in no block, such as a stem or head, alone)", fold=True, learned_rounding=True,
+                 blocks=True),
+        Pipeline("brecq-bias", "brecq, then bias correction", fold=True, learned_rounding=True, blocks=True,
+                 bias_correction="layer"),
         Pipeline("mse-adaround-bias", "mse clipping for the grid, then adaround on it and bias correction",
                  fold=True, clip_p=2.0, learned_rounding=True, bias_correction="layer"),
         Pipeline("dfq", "folding, equalization, mse clipping and bias correction", equalize=True, clip_p=2.0,

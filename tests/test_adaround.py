@@ -10,8 +10,8 @@ from conftest import SCHEMES, randomize_norms
 from torch import nn
 
 import bitsweep
-from bitsweep import synthetic
-from bitsweep.adaround import learn_rounding
+from bitsweep import adaround, synthetic
+from bitsweep.adaround import learn_rounding, reconstruction_units
 from bitsweep.quantize import Policy, quantizable_layers
 from bitsweep.schemes import QuantSpec, as_column, grouped_rows, ungrouped
 
@@ -67,7 +67,7 @@ def test_codes_only_choose_between_the_two_levels_around_each_weight(scheme, gra
     x = torch.randn(shape)
     with torch.no_grad():
         target = layer(x)
-    qt = learn_rounding(layer, x + 0.3 * torch.randn(shape), target, start, iterations=40)
+    (qt,) = learn_rounding(layer, x + 0.3 * torch.randn(shape), target, {"": start}, iterations=40).values()
     assert torch.equal(qt.scale, start.scale) and torch.equal(qt.zero_point, start.zero_point)
     assert qt.codes.dtype == start.codes.dtype and qt.codes.min() >= qt.qmin and qt.codes.max() <= qt.qmax
     assert not torch.equal(qt.codes, start.codes)  # the inputs differ from the targets': something to make up for
@@ -94,7 +94,7 @@ def test_a_layer_with_fewer_inputs_than_weights_in_a_row_keeps_its_nearest_level
     start = bitsweep.quantize_tensor(layer.weight, "asymmetric", 3)
     with torch.no_grad():
         target = layer(x + torch.randn(8, 64))
-    assert learn_rounding(layer, x, target, start, iterations=40) is start
+    assert learn_rounding(layer, x, target, {"": start}, iterations=40)[""] is start
 
 
 def _held_out(model, monkeypatch):
@@ -150,3 +150,71 @@ def test_the_recipe_packs_and_runs_from_the_packed_file(granularity, group_size,
         torch.testing.assert_close(bitsweep.load_packed(path)(x), quantized(x), rtol=1e-4, atol=1e-4)
     for name, qt in quantized.quantized_layers.items():
         assert torch.equal(quantized.get_submodule(name).weight, qt.dequantize())
+
+
+def test_block_units_are_the_residual_blocks_timm_lists_and_the_layers_outside_them():
+    resnet = timm.create_model("resnet18", pretrained=False)
+    units = reconstruction_units(resnet, [name for name, _ in quantizable_layers(resnet)])
+    assert units["conv1"] == ["conv1"] and units["fc"] == ["fc"]
+    assert units["layer1.0"] == ["layer1.0.conv1", "layer1.0.conv2"]
+    assert units["layer2.0"] == ["layer2.0.conv1", "layer2.0.conv2", "layer2.0.downsample.0"]
+    assert list(units) == ["conv1"] + [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)] + ["fc"]
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
+    units = reconstruction_units(vit, [name for name, _ in quantizable_layers(vit)])
+    assert units == {"patch_embed.proj": ["patch_embed.proj"],
+                     **{f"blocks.{i}": [f"blocks.{i}.{layer}" for layer in ("attn.qkv", "attn.proj", "mlp.fc1",
+                                                                              "mlp.fc2")] for i in range(2)},
+                     "head": ["head"]}
+    # only the named layers count: a block whose layers are all kept in float is no unit
+    assert list(reconstruction_units(resnet, ["conv1", "layer1.0.conv2"])) == ["conv1", "layer1.0"]
+
+
+def _block_error(block, quantized_layers, x):
+    """Squared error of ``block``'s output on ``x`` with the given layers' weights quantized, against fp32."""
+    with torch.no_grad():
+        weights = {f"{name}.weight": qt.dequantize() for name, qt in quantized_layers.items()}
+        return (torch.func.functional_call(block, weights, (x,)) - block(x)).square().mean().item()
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_block_learned_together_keeps_to_its_grid_and_comes_closer_to_fp32(scheme):
+    """A timm BasicBlock (two convs, BatchNorm, ReLU and the residual add): every code stays one of the two levels
+    around its weight, and on inputs it never saw the block's output is closer to fp32's than plain rounding's."""
+    torch.manual_seed(0)
+    block = randomize_norms(timm.create_model("resnet18", pretrained=False).layer1[0], seed=1).eval()
+    x, held_out = torch.randn(64, 64, 8, 8).relu(), torch.randn(24, 64, 8, 8).relu()
+    with torch.no_grad():
+        target = block(x)
+    starts = {name: bitsweep.quantize_tensor(block.get_submodule(name).weight, scheme, 3)
+              for name in ("conv1", "conv2")}
+    learned = learn_rounding(block, x, target, starts, iterations=300)
+    for name, qt in learned.items():
+        start = starts[name]
+        assert torch.equal(qt.scale, start.scale) and not torch.equal(qt.codes, start.codes)
+        assert ((qt.codes.int() - start.codes.int()).abs() <= 1).all()  # a neighbouring level: the next code
+    assert _block_error(block, learned, held_out) < 0.9 * _block_error(block, starts, held_out)
+
+
+def test_brecq_learns_each_blocks_layers_together_reproducibly_and_runs_from_its_packed_file(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = randomize_norms(timm.create_model("resnet18", pretrained=False, num_classes=10), seed=0)
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 32, 32)}
+    spec, policy = QuantSpec("symmetric", 4), Policy.parse({"keep_first": 1})
+    learned_together = []
+
+    def spy(module, inputs, targets, starts, **options):
+        learned_together.append((type(module).__name__, sorted(starts)))
+        return learn_rounding(module, inputs, targets, starts, **options)
+
+    monkeypatch.setattr(adaround, "learn_rounding", spy)
+    first, second = (_recipe("brecq-bias", iterations=5).quantize(model, spec, policy) for _ in range(2))
+    assert learned_together[:3] == [("BasicBlock", ["conv1", "conv2"])] * 2 + [
+        ("BasicBlock", ["conv1", "conv2", "downsample.0"])]
+    assert learned_together[8] == ("Linear", [""]) and len(learned_together) == 18  # fc alone; twice over
+    assert list(first.quantized_layers) == [name for name, _ in quantizable_layers(model)][1:]
+    for name, qt in first.quantized_layers.items():
+        assert torch.equal(qt.codes, second.quantized_layers[name].codes)
+    path = bitsweep.save_packed(first, tmp_path / "m.safetensors", arch="resnet18", arch_kwargs={"num_classes": 10})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(bitsweep.load_packed(path)(x), first(x), rtol=1e-4, atol=1e-4)

@@ -57,6 +57,26 @@ def test_synthesis_is_seeded():
     assert torch.equal(synthesize(model, (3, 32, 32), 8, 10), synthesize(copy.deepcopy(model), (3, 32, 32), 8, 10))
 
 
+def test_a_set_is_the_same_whatever_thread_count_the_caller_runs_with():
+    """On more threads a conv splits its sums differently: this model's set, made at the caller's thread count,
+    differs in the last bits between 1 and 2 threads. Made on ``THREADS`` threads, it is byte-identical, and the
+    caller's count is left as it was."""
+    import timm
+    from conftest import randomize_norms
+
+    model = randomize_norms(timm.create_model("efficientnet_b0", pretrained=False, num_classes=10), seed=0).eval()
+    before = torch.get_num_threads()
+    made = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            made.append(synthesize(model, (3, 64, 64), 4, 10))
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(*made)
+
+
 def test_a_set_is_made_once_and_found_on_disk(cache, monkeypatch):
     model = conv_bn_net()
     settings = SyntheticSettings(images=6, steps=8)
