@@ -18,6 +18,7 @@ an evaluation image. Each row says which data its recipe read and how long quant
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -117,6 +118,8 @@ def measure(label, loaded, data, schemes, recipes, widths, batch_size, folder: P
     rows = [{"model": label, "data": used, "scheme": "fp32", "recipe": "", "bits": 32, **fp32, "agreement": 100.0,
              "kl": 0.0, "seconds": 0.0}]
     print(f"{label}: fp32 " + (f"top-1 {fp32['top1']:.2f}" if fp32 else "(label-free)"), flush=True)
+    if not fp32:
+        print(f"{label}: {noise_floor(loaded.module, data, reference, batch_size)}", flush=True)
     for scheme in schemes:
         plans = [(bits, None) for bits in widths] + [(budget, {"allocate": True}) for budget in budgets]
         for bits, policy in plans:
@@ -135,6 +138,22 @@ def measure(label, loaded, data, schemes, recipes, widths, batch_size, folder: P
                                       data=used if recipe or policy else "", scheme=scheme, recipe=recipe or "naive", bits=f"{bits}avg" if policy else bits,
                                       average_bits=average, seconds=seconds))
     return rows
+
+
+def noise_floor(model, data, reference: torch.Tensor, batch_size: int) -> str:
+    """How finely agreement with fp32 can judge on these images: the agreement of the model with every weight
+    rounded to bf16 (8 significant bits), and how close fp32's own top-1 is to its runner-up."""
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in rounded.parameters():
+            parameter.copy_(parameter.to(torch.bfloat16).float())
+    logits, _ = predict(rounded, data.images, batch_size)
+    bf16 = fidelity(logits, reference)
+    top = reference.topk(2, dim=-1)
+    gap = top.values[:, 0] - top.values[:, 1]
+    return (f"noise floor: weights rounded to bf16 agree {bf16['agreement']:.1f} % (KL {bf16['kl']:.4f}); fp32's "
+            f"median top-1 probability {reference.softmax(-1).amax(-1).median().item():.2f}, "
+            f"{(gap < 0.25).float().mean().item() * 100:.0f} % of views within 0.25 logit of their runner-up")
 
 
 def _width(bits) -> str:
