@@ -172,8 +172,9 @@ def reconstruction_units(model: nn.Module, names) -> dict[str, list[str]]:
     lists residual blocks (``blocks.1.0``, ``layer2.1``, ``stages.0.blocks.2``) -- with the named layers
     inside it; a layer in no block (a stem, a head) is a unit alone. Unit name -> layer names."""
     containers = (nn.Sequential, nn.ModuleList)
-    blocks = [name for name, module in model.named_modules() if name and not isinstance(module, containers)
-              and isinstance(model.get_submodule(name.rpartition(".")[0]) if "." in name else model, containers)]
+    modules = dict(model.named_modules())  # "" is the model: the parent of a name without a dot
+    blocks = [name for name, module in modules.items() if name and not isinstance(module, containers)
+              and isinstance(modules[name.rpartition(".")[0]], containers)]
     units: dict[str, list[str]] = {}
     for name in names:
         block = next((b for b in blocks if name == b or name.startswith(b + ".")), name)
