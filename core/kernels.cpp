@@ -43,9 +43,13 @@
 namespace {
 
 constexpr int64_t kBlock = 256;  // codes per block: 8 lanes x 32 slots
-// Rows of a run are short streams; prefetching this far ahead in the run's one stream helps the
-// hardware prefetcher on cold weights (bench/kernels.py measures it).
-constexpr int64_t kPrefetch = 4096;
+// Cold weights stream from memory: each block's lines are requested this far ahead of the one being
+// read, into L2 early enough to cover memory's latency at full bandwidth and into L1 shortly before use.
+// (Runs follow each other in memory, so near a run's end these fetch the next run's start.) Without the
+// L2 request the core has too few misses in flight at 6 to 8 bits; bench/kernels.py measures it.
+constexpr int64_t kPrefetchL1 = 2048, kPrefetchL2 = 16384;
+// Decoding reads one row's blocks of a run at a time: its L2 requests go this many blocks ahead.
+constexpr int64_t kDecodeAhead = 8;
 // Large batches decode this many bytes of fp32 weight at a time: the slice stays in L3 while the BLAS
 // reads it, and is tall enough that the BLAS packing x again for every slice costs little (a 256 KB
 // slice of a 3072-wide layer is only 20 rows).
@@ -444,8 +448,10 @@ void tile(const Layer& L, const Call& c, int64_t n0, int64_t m0) {
   };
   const float* xb[MT];
   for (int64_t b = 0; b < L.nblocks; ++b) {
-    for (int64_t line = 0; line < step; line += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(blk[0]) + kPrefetch + line, _MM_HINT_T0);
+    for (int64_t line = 0; line < step; line += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(blk[0]) + kPrefetchL2 + line, _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(blk[0]) + kPrefetchL1 + line, _MM_HINT_T0);
+    }
     for (int m = 0; m < MT; ++m) xb[m] = c.xs + (m0 + m) * K + b * kBlock;
 #if BITSWEEP_AVX512
     if constexpr (W)
@@ -568,9 +574,14 @@ void decode_row(const Layer& L, int64_t n, float* row, __m256 lo, __m256 hi) {
   const float s = L.scale[n * L.G], z = L.zero[n * L.G];
   const __m256 scale = _mm256_set1_ps(s), zero = _mm256_set1_ps(z);
   const uint8_t* blk = L.row_blocks(n);
-  for (int64_t b = 0; b < L.nblocks; ++b, blk += L.block_step(n))
+  const int64_t step = L.block_step(n);
+  for (int64_t b = 0; b < L.nblocks; ++b, blk += step) {
+    // The row's blocks are every step bytes, a stride the hardware prefetcher may not follow far enough.
+    for (int64_t line = 0; line < 32 * B; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(blk) + kDecodeAhead * step + line, _MM_HINT_T1);
     decode_block<B, KIND, SCALED>(std::make_integer_sequence<int, 32>{}, blk, row + b * kBlock, L.lut, lo, hi, scale,
                                   zero);
+  }
   // The tail (all of a row narrower than a block: 1x1 and depthwise convolutions), eight at a time.
   const int64_t k0 = L.nblocks * kBlock;
   int64_t k = 0;
