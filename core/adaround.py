@@ -22,6 +22,7 @@ a user's calibration images.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -150,18 +151,22 @@ def _parameter(name: str) -> str:
     return f"{name}.weight" if name else "weight"
 
 
+class _Seen(Exception):
+    """Stops a pass once the module of interest has run: the layers after it are not needed."""
+
+
 def unit_input_output(model: nn.Module, inputs: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The named module's input and output on its first call in one eval pass of ``model`` (``None`` if the
-    pass never calls it, or calls it with more than one input: a block whose forward needs more than the
-    tensor it transforms is not reconstructed)."""
+    """The named module's input and output on its first call in an eval pass of ``model``, which stops there
+    (``None`` if the pass never calls it, or calls it with more than one input: a block whose forward needs
+    more than the tensor it transforms is not reconstructed)."""
     seen = []
 
     def keep(_, module, args, output):
-        if not seen:
-            seen.append((args[0].detach().clone(), output.detach().clone()) if len(args) == 1 and
-                        isinstance(output, torch.Tensor) else None)
+        seen.append((args[0].detach().clone(), output.detach().clone()) if len(args) == 1 and
+                    isinstance(output, torch.Tensor) else None)
+        raise _Seen
 
-    with torch.no_grad():
+    with torch.no_grad(), contextlib.suppress(_Seen):
         run_with_hooks(model, inputs, {name}, keep)
     return seen[0] if seen else None
 

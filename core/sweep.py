@@ -106,10 +106,7 @@ def quantize_cell(sweep: Sweep, record: ModelRecord, cell: Cell) -> dict:
     if (folder / "packed.json").exists() and path.exists():
         return json.loads((folder / "packed.json").read_text()) | {"packed": str(path)}
     module = fp32_module(record)
-    data = {}
-    if cell.uses_data:  # synthetic: the settings, not the set (allocate's cache is keyed on them, not on a hash)
-        data = {"calibration": calibration_images(sweep, module)} if sweep.calibration else \
-            {"synthetic": sweep.synthetic.settings()}
+    data = quantize_data(sweep, module) if cell.uses_data else {}
     with get_registry().blame("scheme", cell.scheme):  # a plugin's bug fails the cell, naming the plugin
         quantized = quantize_model(module, cell.scheme, cell.bits, cell.granularity, cell.policy,
                                    group_size=cell.group_size, recipe=None if cell.recipe == "none" else cell.recipe,
@@ -133,13 +130,20 @@ def profile_cell(sweep: Sweep, record: ModelRecord, cell: Cell, packed: str) -> 
     return {"sqnr_db": whole["sqnr_db"], "zero_fraction": whole["zero_fraction"], "profile": str(path)}
 
 
-def sweep_inputs(sweep: Sweep, record: ModelRecord) -> torch.Tensor:
-    """The inputs the model's data-free steps read (recipes, ``allocate``, the int8 path's activation ranges):
-    the sweep's calibration images transformed for it, else its synthetic set -- never the evaluation images."""
-    module = fp32_module(record)
+def quantize_data(sweep: Sweep, module: torch.nn.Module) -> dict:
+    """What the model's data-free steps (recipes, ``allocate``, the int8 path's activation ranges) read, as
+    ``quantize_model``'s keyword: the sweep's calibration images transformed for it, else its synthetic
+    settings (not the set: ``allocate``'s cache is keyed on them) -- never the evaluation images."""
     if sweep.calibration is not None:
-        return calibration_images(sweep, module)
-    return synthetic_inputs(module, sweep.synthetic.settings())
+        return {"calibration": calibration_images(sweep, module)}
+    return {"synthetic": sweep.synthetic.settings()}
+
+
+def sweep_inputs(sweep: Sweep, record: ModelRecord) -> torch.Tensor:
+    """The inputs ``quantize_data`` names, as a tensor."""
+    module = fp32_module(record)
+    data = quantize_data(sweep, module)
+    return data["calibration"] if "calibration" in data else synthetic_inputs(module, data["synthetic"])
 
 
 @uses_models

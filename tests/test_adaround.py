@@ -169,6 +169,21 @@ def test_block_units_are_the_residual_blocks_timm_lists_and_the_layers_outside_t
     assert list(reconstruction_units(resnet, ["conv1", "layer1.0.conv2"])) == ["conv1", "layer1.0"]
 
 
+def test_a_units_input_and_output_are_its_own_and_the_pass_stops_after_it():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    later = []
+    model.layer3.register_forward_hook(lambda *args: later.append(True))
+    unit_in, unit_out = adaround.unit_input_output(model, x, "layer2.0")
+    with torch.no_grad():
+        expected_in = model.layer1(model.maxpool(model.act1(model.bn1(model.conv1(x)))))
+        torch.testing.assert_close(unit_in, expected_in, rtol=0, atol=0)
+        torch.testing.assert_close(unit_out, model.layer2[0](expected_in), rtol=0, atol=0)
+    assert not later  # nothing after the unit ran
+    assert adaround.unit_input_output(model, x, "layer2.9") is None  # a unit the pass never calls
+
+
 def _block_error(block, quantized_layers, x):
     """Squared error of ``block``'s output on ``x`` with the given layers' weights quantized, against fp32."""
     with torch.no_grad():
