@@ -29,9 +29,12 @@ from bitsweep.pack import unpack_bits
 SOURCE = Path(__file__).with_name("kernels.cpp")
 
 
-# Up to this many rows of x the fused kernel wins; beyond it, slices are decoded for the BLAS: the fused
-# kernel reads x once per four weight rows, and many rows of x outgrow the L2 (bench/kernels.py, batch 64).
+# Up to this many rows of x the fused kernel wins; beyond it, slices are decoded for the BLAS. The fused
+# kernel makes each level once per four rows of x, decoding makes it once: where a level costs more than
+# converting its code (pow2's bits and gathered tables at 6 to 8 bits), decoding wins from fewer rows
+# (bench/kernels.py, batches 16 to 64).
 FUSED_MAX_BATCH = 32
+FUSED_MAX_BATCH_COSTLY_LEVELS = 16
 
 
 class KernelWarning(UserWarning):
@@ -137,12 +140,17 @@ class KernelWeight:
         zero = self.zero.repeat_interleave(self.group, dim=1)[:, : self.k]
         return levels.sub_(zero).mul_(scale)
 
+    def fused_max_batch(self) -> int:
+        """The most rows of x the fused kernel takes; more are multiplied by decoding slices for the BLAS."""
+        costly = not self.linear_lut and self.bits >= 6
+        return min(FUSED_MAX_BATCH, FUSED_MAX_BATCH_COSTLY_LEVELS) if costly else FUSED_MAX_BATCH
+
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` for float32 ``x [M, K]``."""
         if not self.compiled:
             return F.linear(x, self.decode())
         # The fused kernel sums groups slot by slot (8 weights); other group sizes decode instead.
-        if x.shape[0] <= FUSED_MAX_BATCH and (self.group % 8 == 0 or self.group >= self.k):
+        if x.shape[0] <= self.fused_max_batch() and (self.group % 8 == 0 or self.group >= self.k):
             return extension().linear(x, self.codes, self.n, self.k, self.bits, self.lut, self.linear_lut,
                                       self.scale, self.zero, self.group)
         return extension().linear_decoded(x, self.codes, self.n, self.k, self.bits, self.lut, self.scale,

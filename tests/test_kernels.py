@@ -16,7 +16,7 @@ from bitsweep.pack import pack_bits
 # (N, K, group): per channel (group = K) with rows that are not whole bytes, whole 256-code blocks
 # and a tail; groups that are a multiple of 8 (dividing K or not) and groups that are not.
 SHAPES = [(13, 300, 300), (6, 512, 512), (5, 37, 37), (9, 517, 64), (6, 777, 24), (7, 1000, 100), (5, 37, 5)]
-BATCHES = (1, 2, 3, 8, 64)
+BATCHES = (1, 2, 3, 8, 24, 64)
 
 
 def make_case(scheme, bits, n, k, group, seed=0):
@@ -73,10 +73,32 @@ def test_decode_is_bit_exact_and_linear_matches_f_linear(ext, scheme, bits, monk
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_large_batches_decode_every_slice(ext, scheme):
-    """A weight of 4.8 MB in fp32 is decoded in several slices (2 MB each) for batches beyond the fused kernel's."""
-    w, weight = make_case(scheme, 3, 1200, 1000, 1000)
-    x = torch.randn(kernels.FUSED_MAX_BATCH + 8, 1000)
+@pytest.mark.parametrize("bits", BITS)
+def test_batches_between_16_and_32_take_the_fused_kernel_unless_levels_are_costly(ext, scheme, bits):
+    """pow2's levels at 6 to 8 bits are built from their bits once per four rows of x by the fused kernel,
+    once by decoding: from 17 rows they are decoded (the two paths round differently, so the result says
+    which one ran)."""
+    w, weight = make_case(scheme, bits, 20, 512, 512)
+    args = (w.codes, w.n, w.k, w.bits, w.lut)
+    costly = scheme == "pow2" and bits >= 6
+    gen = torch.Generator().manual_seed(bits)
+    for batch, decoded in ((16, False), (17, costly), (32, costly)):
+        x = torch.randn(batch, 512, generator=gen)
+        fused = ext.linear(x, *args, w.linear_lut, w.scale, w.zero, w.group)
+        sliced = ext.linear_decoded(x, *args, w.scale, w.zero, w.group)
+        assert not torch.equal(fused, sliced), "the two paths must be told apart by their rounding"
+        assert torch.equal(w.linear(x), sliced if decoded else fused), (batch, decoded)
+        assert relative_error(w.linear(x), F.linear(x, weight)) < 1e-5
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("n, k", [(1200, 1000), (3000, 700)])
+@pytest.mark.parametrize("group", [None, 64, 100])
+def test_large_batches_decode_every_slice(ext, scheme, n, k, group):
+    """Weights of 4.8 and 8.4 MB in fp32 are decoded in slices of rows (at most 2 MB each) for batches beyond
+    the fused kernel's, per channel and with groups that do or do not end on a block."""
+    w, weight = make_case(scheme, 3, n, k, group or k)
+    x = torch.randn(kernels.FUSED_MAX_BATCH + 8, k, generator=torch.Generator().manual_seed(n))
     assert relative_error(w.linear(x), F.linear(x, weight)) < 1e-5
 
 
