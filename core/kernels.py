@@ -143,7 +143,7 @@ class KernelWeight:
     def fused_max_batch(self) -> int:
         """The most rows of x the fused kernel takes; more are multiplied by decoding slices for the BLAS."""
         costly = not self.linear_lut and self.bits >= 6
-        return min(FUSED_MAX_BATCH, FUSED_MAX_BATCH_COSTLY_LEVELS) if costly else FUSED_MAX_BATCH
+        return FUSED_MAX_BATCH_COSTLY_LEVELS if costly else FUSED_MAX_BATCH
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` for float32 ``x [M, K]``."""
