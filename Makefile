@@ -7,7 +7,7 @@ sweep:
 
 test:
 	scripts/setup.sh dev
-	.venv/bin/python -m pytest
+	.venv/bin/python -m pytest -n 2 --dist loadfile  # two worker processes, each test file in one of them
 
 bench:
 	scripts/setup.sh dev
