@@ -1,6 +1,7 @@
 """The compile step's kernels: packed n-bit weights multiplied straight from their codes.
 
-``kernels.cpp`` is compiled on the user's machine (``-march=native``) the first time it is
+``kernels.cpp`` (the bindings), ``kernels_linear.cpp`` and ``kernels_decode.cpp`` (with ``kernels.h``) are
+compiled on the user's machine (``-march=native``), in parallel, the first time they are
 needed and cached per machine, bitsweep, torch and source version in the user cache. Without
 a compiler (or with ``BITSWEEP_KERNELS=python``) the same functions run in plain PyTorch,
 giving the same results to float32 rounding; a failed build costs one warning.
@@ -26,7 +27,9 @@ from bitsweep.errors import first_line
 from bitsweep.files import cache_dir
 from bitsweep.pack import unpack_bits
 
-SOURCE = Path(__file__).with_name("kernels.cpp")
+# The bindings first; the kernels in files of their own so that the compiler builds them in parallel.
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("kernels.cpp", "kernels_linear.cpp", "kernels_decode.cpp"))
+HEADER = Path(__file__).with_name("kernels.h")
 
 
 # Up to this many rows of x the fused kernel wins; beyond it, slices are decoded for the BLAS. The fused
@@ -51,9 +54,9 @@ def cpu_flags() -> frozenset[str]:
 
 
 def _machine() -> str:
-    """What the compiled code depends on: CPU features, platform, torch, bitsweep and the source."""
+    """What the compiled code depends on: CPU features, platform, torch, bitsweep and the sources."""
     parts = [" ".join(sorted(cpu_flags())), platform.machine(), platform.python_version(), torch.__version__, __version__,
-             SOURCE.read_bytes().hex()]
+             *(path.read_bytes().hex() for path in (*SOURCES, HEADER))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -79,9 +82,9 @@ def extension():
         key = _machine()
         build = kernels_dir() / key
         build.mkdir(parents=True, exist_ok=True)
-        return cpp_extension.load(name=f"bitsweep_kernels_{key}", sources=[str(SOURCE)], build_directory=str(build),
-                                  extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                                  verbose=False)
+        return cpp_extension.load(name=f"bitsweep_kernels_{key}", sources=[str(path) for path in SOURCES],
+                                  build_directory=str(build), extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                  extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # any compiler or loader failure: fall back, never stop the user's work
         first = first_line(exc) or type(exc).__name__
         warnings.warn(f"bitsweep: compiled kernels unavailable ({first}); using the pure-PyTorch path "

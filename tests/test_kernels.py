@@ -119,7 +119,7 @@ def test_no_subnormal_arithmetic_whatever_the_cpu(ext, scheme):
     the result goes wrong; on CPUs where subnormals cost a microcode assist (Intel) they would also be
     ~100x slower. So every width and granularity must still match, on any CPU, with the modes set by the
     caller and left alone by the kernels (one thread: the modes are per thread)."""
-    assert "setcsr" not in kernels.SOURCE.read_text()  # the kernels never change the caller's modes
+    assert not any("setcsr" in path.read_text() for path in (*kernels.SOURCES, kernels.HEADER))  # modes left alone
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     assert torch.set_flush_denormal(True), "this CPU cannot set denormals-are-zero"
@@ -180,7 +180,7 @@ def test_pure_pytorch_fallback_gives_the_same_results(ext, scheme, monkeypatch, 
 def test_failed_build_falls_back_with_one_warning(tmp_path, monkeypatch, fresh_extension):
     broken = tmp_path / "kernels.cpp"
     broken.write_text("this is not C++ {\n")
-    monkeypatch.setattr(kernels, "SOURCE", broken)
+    monkeypatch.setattr(kernels, "SOURCES", (broken, *kernels.SOURCES[1:]))
     monkeypatch.setenv("BITSWEEP_KERNELS_DIR", str(tmp_path / "kernels"))
     kernels.extension.cache_clear()
     with pytest.warns(kernels.KernelWarning) as record:
