@@ -14,10 +14,13 @@ modules called twice, string padding); bitsweep rewrites those before quantizing
 is left: the converted graph with its activations unrounded must compute the fake-quant model
 (``FOLLOW_RTOL``), or the model is refused in one line rather than measured wrong.
 
-oneDNN takes symmetric per-channel int8 weights (zero point 0). Without VNNI its AVX2 kernels add
+oneDNN takes symmetric per-channel int8 weights (zero point 0). 8-bit affine codes ``c`` (0..255) have no
+such form, so their kernel multiplies ``c - 128`` and the graph adds the rest, ``(128 - z) * s`` times the
+sum of the inputs each output reads (``_add_zero_point_terms``). Without VNNI oneDNN's AVX2 kernels add
 uint8 x int8 products pairwise in int16, which saturates unless ``2 * a * |w|`` fits: activations
 get 8 bits (a <= 255) where a layer's codes are within +-64 (see ``weight_limit``), and 7 bits
 (a <= 127) in front of layers with wider codes (8-bit, some 7-bit asymmetric), which then stay exact.
+With VNNI every layer keeps 8-bit activations.
 """
 
 from __future__ import annotations
@@ -244,6 +247,7 @@ def convert_int8(model: nn.Module, layers: dict[str, QuantizedTensor],
                                 f"({type(exc).__name__}: {' '.join(first_line(exc).split())[:200] or 'no message'}); "
                                 f"{_FIX}") from None
         converted.int8_exact = _install_weights(converted, layers, folds, limits)
+        _add_zero_point_terms(converted)
         exact_weights = {name: _folded(layers[name], folds.get(name)) for name, exact in converted.int8_exact.items()
                          if not exact}  # the requantized layers' weights as the fake-quant model has them
         _check_follows(unrounded_activations(converted, exact_weights), source, batches[0][:8], type(model).__name__)
@@ -407,13 +411,14 @@ def _keep_in_float(quantizer, keep: set[str], x86) -> None:
 
 
 def _wide_layers(layers: dict[str, QuantizedTensor], limit: int) -> set[str]:
-    """Layers whose int8 weights need more than +-``limit``: exact codes beyond it, or 8-bit weights
-    that are requantized anyway (an affine zero point oneDNN cannot take), where +-127 keeps 8 bits."""
+    """Layers whose int8 weights need more than +-``limit``: exact codes beyond it, or, where ``limit``
+    is below 127, 8-bit weights that are requantized anyway (an affine zero point oneDNN cannot take),
+    where +-127 keeps 8 bits. With VNNI (``limit`` 127) no layer is: activations keep 8 bits."""
     wide = set()
     for name, qt in layers.items():
         weight = int8_weight(qt)
         if weight is None or weight.zero_point.any():
-            if qt.bits >= 8:
+            if qt.bits >= 8 and limit < 127:
                 wide.add(name)
         elif int(weight.codes.abs().max()) > limit:
             wide.add(name)
@@ -451,25 +456,30 @@ def _weight_nodes(graph: torch.fx.GraphModule) -> dict[str, list[torch.fx.Node]]
 
 
 def int8_weights(graph: torch.fx.GraphModule) -> dict[str, Int8Weight]:
-    """Layer -> the int8 weight constants a converted graph (``Int8Module.graph``) computes with."""
-    return {name: Int8Weight(*(getattr(graph, arg.target) for arg in nodes[0].args[:3]))
-            for name, nodes in _weight_nodes(graph).items()}
+    """Layer -> the int8 weight a converted graph (``Int8Module.graph``) computes with: its kernel's
+    constants, with the zero point ``_add_zero_point_terms`` applies (0 for most layers)."""
+    zero_points = getattr(graph, "weight_zero_points", {})
+    found = {}
+    for name, nodes in _weight_nodes(graph).items():
+        codes, scale, zero = (getattr(graph, arg.target) for arg in nodes[0].args[:3])
+        found[name] = Int8Weight(codes, scale, zero_points.get(name, zero))
+    return found
 
 
 def _install_weights(graph: torch.fx.GraphModule, layers: dict[str, QuantizedTensor],
                      folds: dict[str, torch.Tensor], limits: dict[str, int]) -> dict[str, bool]:
-    """Replace the observers' int8 weights by our codes (and BatchNorm factor) where an exact form fits
-    oneDNN (zero point 0, |code| <= the layer's limit: ``limits``, else ``weight_limit()``), else by our
-    dequantized weights requantized per channel to that limit. Returns layer -> exact."""
-    exact = {}
+    """Replace the observers' int8 weights by our codes (and BatchNorm factor) where they fit oneDNN
+    (``_fits`` the layer's limit: ``limits``, else ``weight_limit()``), else by our dequantized weights
+    requantized per channel to that limit. oneDNN takes zero point 0: a layer whose codes need one (8-bit
+    affine codes) runs its codes alone, and ``_add_zero_point_terms`` adds the zero point's share. Sets
+    ``graph.weight_zero_points`` (layer -> those zero points) and returns layer -> exact."""
+    exact, zero_points = {}, {}
     for name, nodes in _weight_nodes(graph).items():
         qt, limit = layers[name], limits.get(name, weight_limit())
         column = (-1,) + (1,) * (qt.codes.dim() - 1)
-        factor = folds.get(name, torch.ones(qt.codes.shape[0]))
         weight = int8_weight(qt)
-        if weight is not None and not weight.zero_point.any():
-            codes = weight.codes.to(torch.int32) * torch.where(factor < 0, -1, 1).reshape(column)
-            weight = Int8Weight(codes, (weight.scale * factor).abs(), weight.zero_point)
+        if weight is not None:
+            weight = _signed(weight, folds.get(name, torch.ones(qt.codes.shape[0])))
         folded = _folded(qt, folds.get(name))
         for node in nodes:
             observed = Int8Weight(*(getattr(graph, arg.target) for arg in node.args[:3]))
@@ -477,16 +487,100 @@ def _install_weights(graph: torch.fx.GraphModule, layers: dict[str, QuantizedTen
             if not ((folded - observed.dequantize()).abs() <= step * 0.51 + folded.abs() * 1e-5).all():
                 raise BitsweepError(f"layer {name!r}: pt2e's folded weight is not the fake-quant weight times its "
                                     f"BatchNorm factor (an unexpected fold); {_FIX}")
-        exact[name] = weight is not None and not weight.zero_point.any() and int(weight.codes.abs().max()) <= limit
+        exact[name] = weight is not None and _fits(weight.codes, limit)
         if not exact[name]:  # lossy: the fake-quant weight (BatchNorm folded) rounded to the widest fitting codes
             scale = folded.reshape(folded.shape[0], -1).abs().amax(1).div(limit).clamp_min(torch.finfo().tiny)
             codes = (folded / scale.reshape(column)).round().clamp(-limit, limit)
             weight = Int8Weight(codes, scale, torch.zeros_like(scale, dtype=torch.int32))
+        elif weight.zero_point.any():
+            zero_points[name] = weight.zero_point
         for node in nodes:
             for arg, value in zip(node.args[:3], (weight.codes.to(torch.int8), weight.scale.to(torch.float32),
-                                                  weight.zero_point.to(torch.int64))):
+                                                  torch.zeros_like(weight.zero_point, dtype=torch.int64))):
                 setattr(graph, arg.target, value.contiguous())
+    graph.weight_zero_points = zero_points
     return exact
+
+
+def _signed(weight: Int8Weight, factor: torch.Tensor) -> Int8Weight:
+    """``weight`` times a folded BatchNorm's per-channel ``factor``, as int8 codes with scale ``|s * factor|``:
+    where the factor is negative, codes and zero point negated, or where a code is -128 (whose negation
+    int8 lacks) complemented (``~c = -1 - c``, so ``~c - ~z = -(c - z)``)."""
+    codes, zero = weight.codes.to(torch.int32), weight.zero_point.to(torch.int32)
+    column = (-1,) + (1,) * (codes.dim() - 1)
+    negative = factor < 0
+    complement = negative & (codes.reshape(len(codes), -1).amin(1) == -128)
+    negate = negative & ~complement
+
+    def signed(value, shape):
+        return torch.where(negate.reshape(shape), -value, torch.where(complement.reshape(shape), ~value, value))
+    return Int8Weight(signed(codes, column), (weight.scale * factor).abs(), signed(zero, (-1,)))
+
+
+def _fits(codes: torch.Tensor, limit: int) -> bool:
+    """Whether int8 ``codes`` multiply exactly on oneDNN behind the activations that go with ``limit``:
+    within +-``limit``, and -128 as well where it is 127 (VNNI's int32 sums, or 7-bit activations:
+    2 * 127 * 128 fits int16)."""
+    return int(codes.min()) >= (-128 if limit >= 127 else -limit) and int(codes.max()) <= limit
+
+
+def _add_zero_point_terms(graph: torch.fx.GraphModule) -> None:
+    """After each call of a layer in ``graph.weight_zero_points``, whose kernel multiplied the codes ``c``
+    alone, add the zero point's share of ``(c - z) * s``: ``-z * s`` per output channel times the sum of
+    the inputs that output reads, a channel sum per group then a window sum (``_window_sum``)."""
+    scales = {name: weight.scale for name, weight in int8_weights(graph).items()}
+    aten = torch.ops.aten
+    for node in list(graph.graph.nodes):
+        name = _layer(node) if node.op == "call_function" and str(node.target) in _WEIGHT_OPS else None
+        if name not in graph.weight_zero_points or "dequantize_per_channel" not in str(node.args[1].target):
+            continue
+        shift = -graph.weight_zero_points[name].to(torch.float32) * scales[name]
+        codes = getattr(graph, node.args[1].args[0].target)
+        x, call = node.args[0], graph.graph.call_function
+        with graph.graph.inserting_before(node.next):  # in order, after the layer's call
+            if str(node.target) == "aten.linear.default":
+                term = call(aten.mul.Tensor, (call(aten.sum.dim_IntList, (x, [-1], True)), _constant(graph, shift)))
+            else:  # args: input, weight, bias, stride, padding, dilation, groups
+                groups = node.args[6] if len(node.args) > 6 else 1
+                if codes.shape[1] > 1:  # channels summed within each group: [N, groups, ...]
+                    x = call(aten.sum.dim_IntList, (call(aten.unflatten.int, (x, 1, [groups, -1])), [2]))
+                total, factor = _window_sum(graph, node, x, codes.shape[2:], groups)
+                spatial = (1,) * (codes.dim() - 2)
+                per_group = (shift * factor).reshape(1, groups, -1, *spatial)  # [1, groups, outputs per group, 1...]
+                spread = call(aten.mul.Tensor, (call(aten.unsqueeze.default, (total, 2)), _constant(graph, per_group)))
+                term = call(aten.flatten.using_ints, (spread, 1, 2))
+            added = call(aten.add.Tensor, (node, term))
+        node.replace_all_uses_with(added, delete_user_cb=lambda user: user is not added)
+    graph.recompile()
+
+
+def _window_sum(graph: torch.fx.GraphModule, conv: torch.fx.Node, x: torch.fx.Node, kernel: torch.Size,
+                groups: int) -> tuple[torch.fx.Node, float]:
+    """The sums of ``x`` (one channel per group) over each window ``conv`` reads, as a node and a factor
+    to multiply it by: an average pool (which inductor fuses with the input's dequantization) times the
+    window's size, or, where a pool cannot express the conv's windows (dilation, padding beyond half the
+    kernel), a float conv with a ones kernel."""
+    ones = [1] * len(kernel)
+    stride, padding, dilation = (*conv.args[3:6], *(ones, [0] * len(kernel), ones)[len(conv.args[3:6]):])
+    if list(kernel) == ones and list(stride) == ones:
+        return x, 1.0
+    if list(dilation) == ones and all(2 * p <= k for p, k in zip(padding, kernel)) and len(kernel) in (1, 2, 3):
+        pool = getattr(torch.ops.aten, f"avg_pool{len(kernel)}d").default
+        for axis in range(len(kernel)):  # one axis at a time: k + k reads per output rather than k * k
+            if kernel[axis] > 1 or stride[axis] > 1:
+                size, step, pad = ([value[axis] if a == axis else d for a, d in enumerate(default)]
+                                   for value, default in ((kernel, ones), (stride, ones), (padding, [0] * len(kernel))))
+                x = graph.graph.call_function(pool, (x, size, step, pad, False, True))
+        return x, float(torch.tensor(kernel).prod())
+    weight = _constant(graph, torch.ones(groups, 1, *kernel))
+    return graph.graph.call_function(conv.target, (x, weight, None, stride, padding, dilation, groups)), 1.0
+
+
+def _constant(graph: torch.fx.GraphModule, value: torch.Tensor) -> torch.fx.Node:
+    """A ``get_attr`` node of a new buffer holding ``value``, inserted where the graph inserts now."""
+    target = f"zero_point_term_{len(list(graph.buffers()))}"
+    graph.register_buffer(target, value.contiguous())
+    return graph.graph.get_attr(target)
 
 
 def unrounded_activations(graph: torch.fx.GraphModule,

@@ -97,35 +97,77 @@ def test_converted_graph_computes_with_our_codes(small, batches, scheme, bits, g
     norm = small[1]
     assert torch.equal(graph.bn_folds["0"], norm.weight * torch.rsqrt(norm.running_var + norm.eps))
     ranges = input_ranges(graph)
+    kernel_zero_points = [getattr(graph, node.args[2].target) for node in graph.graph.nodes
+                          if "dequantize_per_channel" in str(node.target)]
+    assert len(kernel_zero_points) == 4 and not any(zero.any() for zero in kernel_zero_points)  # oneDNN's form
     for name, qt in fake.quantized_layers.items():
         ours, weights = int8_weight(qt), held[name]
-        assert weights.codes.dtype == torch.int8 and not weights.zero_point.any(), name
+        assert weights.codes.dtype == torch.int8, name
         widest = int(weights.codes.abs().max())
         assert weight_limit() == 127 or 2 * ranges[name] * widest <= 32767, (name, ranges[name], widest)
-        assert ranges[name] == 255 or widest > 64, name  # 7-bit activations only where the codes need them
+        # 7-bit activations only where the codes need them, and never with VNNI
+        assert ranges[name] == 255 or (weight_limit() < 127 and widest > 64), name
         factor = graph.bn_folds.get(name, torch.ones(qt.codes.shape[0]))
         sign = column(factor.sign().int(), qt.codes.dim())
-        fits = ours is not None and not ours.zero_point.any() and int((ours.codes.int() * sign).abs().max()) <= 127
-        assert graph.int8_exact[name] == fits, name
-        if fits:
-            assert torch.equal(weights.codes.int(), ours.codes.int() * sign), name
+        # exact wherever our codes have an int8 form: 8-bit affine codes with their zero point added apart
+        assert graph.int8_exact[name] == (ours is not None), name
+        if ours is not None:
+            centred = weights.codes.int() - column(weights.zero_point.int(), qt.codes.dim())
+            assert torch.equal(centred, (ours.codes.int() - column(ours.zero_point.int(), qt.codes.dim())) * sign)
             assert torch.equal(weights.scale, (ours.scale * factor).abs()), name
             if name not in graph.bn_folds:
                 assert torch.equal(bits_of(weights.dequantize()), bits_of(qt.dequantize())), name
+    with torch.no_grad():  # activations unrounded, the graph computes the fake-quant model to float rounding
+        assert relative_error(unrounded_activations(graph)(batches[0]), fake(batches[0])) < 1e-5
     with torch.no_grad():  # the graph run as is: int8 weights and activations simulated in float. Four uint8
         # activations each round to 1/255 of their range, which is wide against these logits' spread: ~2 %
         assert relative_error(graph(batches[0]), fake(batches[0])) < 0.05
 
 
-def test_8_bit_codes_stay_exact_on_every_cpu(small, batches):
-    """Symmetric 8-bit codes reach +-127: exact on int8 kernels with VNNI (int32 sums) and, without it, behind
-    7-bit activations; the graph then agrees with fake-quant as closely as at narrower widths."""
-    fake = bitsweep.quantize_model(small, "symmetric", 8)
+@pytest.mark.parametrize("scheme", ["symmetric", "asymmetric"])
+def test_8_bit_codes_stay_exact_on_every_cpu(small, batches, scheme):
+    """8-bit codes reach +-127 (symmetric) or -128..127 (affine, less their zero point): exact on int8 kernels
+    with VNNI (int32 sums) and, without it, behind 7-bit activations; the graph then agrees with fake-quant
+    as closely as at narrower widths."""
+    fake = bitsweep.quantize_model(small, scheme, 8)
     graph = convert_int8(fake, fake.quantized_layers, batches)
     assert all(graph.int8_exact.values())
     assert set(input_ranges(graph).values()) == ({255} if weight_limit() == 127 else {127})
     with torch.no_grad():
         assert relative_error(graph(batches[0]), fake(batches[0])) < 0.05
+
+
+class Windows(nn.Module):
+    """Every window the zero point's term must sum over: stride and padding, groups of several channels,
+    a depthwise multiplier, dilation (no pooling form) and Linear layers on tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                                   nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8), nn.ReLU6(),
+                                   nn.Conv2d(8, 16, (5, 3), padding=(2, 1), groups=8), nn.ReLU(),
+                                   nn.Conv2d(16, 16, 3, padding=2, dilation=2), nn.ReLU())
+        self.tokens = nn.Linear(16, 12)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.head(self.tokens(self.convs(x).flatten(2).transpose(1, 2))).mean(1)  # [N, L, 16] tokens
+
+
+def test_8_bit_affine_zero_points_sum_every_window(batches):
+    """8-bit affine codes run as int8 codes whose zero point oneDNN cannot take: the graph adds it apart, and
+    with activations unrounded computes the fake-quant model to float rounding, whatever the window."""
+    torch.manual_seed(0)
+    model = Windows().eval()
+    with torch.no_grad():
+        model.convs[3].weight.copy_(torch.randn(8) * 3)  # negative factors: codes negated or complemented
+    fake = bitsweep.quantize_model(model, "asymmetric", 8)
+    graph = convert_int8(fake, fake.quantized_layers, batches)
+    assert all(graph.int8_exact.values()) and set(graph.weight_zero_points) == set(fake.quantized_layers)
+    x = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert relative_error(unrounded_activations(graph)(x), fake(x)) < 1e-5
+        assert relative_error(graph(x), fake(x)) < 0.05
 
 
 def test_lossy_layers_are_flagged(small, batches):
@@ -138,12 +180,13 @@ def test_lossy_layers_are_flagged(small, batches):
 
 
 @pytest.mark.slow
-def test_compiled_module_equals_its_graph_and_keeps_layers_in_float(small, batches):
+@pytest.mark.parametrize("scheme,bits", [("symmetric", 4), ("asymmetric", 8)])  # 8: zero points added apart
+def test_compiled_module_equals_its_graph_and_keeps_layers_in_float(small, batches, scheme, bits):
     """The oneDNN kernels compute what the graph simulates: int16 saturation (no VNNI) or halved weights
     would spoil every sample by several percent. Most samples agree to float rounding; a requantization
     that falls on the other side of a rounding boundary (the int8 average pool rounds its own way) moves
     one pooled value by one step, about 1 % of these small logits, so a sample or two may differ that much."""
-    fake = bitsweep.quantize_model(small, "symmetric", 4, policy={"keep_first": 1})
+    fake = bitsweep.quantize_model(small, scheme, bits, policy={"keep_first": 1})
     int8 = to_int8(fake, fake.quantized_layers, batches)
     assert int8.fp32_layers == ("0",) and "0" not in int8_weights(int8.graph) and "0" not in int8.int8_exact
     assert all(int8.int8_exact.values()) and int8.compile_seconds > 0
