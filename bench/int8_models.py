@@ -2,9 +2,10 @@
 
     taskset -c 1 .venv/bin/python bench/int8_models.py              # speed table; exit 1 if a target is missed
     taskset -c 1 .venv/bin/python bench/int8_models.py --agreement  # top-1 agreement, real EfficientNet-Lite0
+    taskset -c 1 .venv/bin/python bench/int8_models.py tf_efficientnet_lite0 --bits 8  # other codes (default 4)
 
-Models have random weights (speed does not depend on them); each is fake-quantized (asymmetric 4-bit,
-per channel: exact on int8) and converted with the same 4 noise images for activation ranges as the
+Models have random weights (speed does not depend on them); each is fake-quantized (asymmetric 4-bit
+per channel by default: exact on int8; at 8 bits the zero points are added apart, which costs time) and converted with the same 4 noise images for activation ranges as the
 incumbent gets (``convert_s``: export to converted graph; ``compile_s``: inductor at batch 1). All
 contenders run alternately so that load from other processes hits them alike.
 
@@ -58,14 +59,14 @@ def pt2e_int8(model: torch.nn.Module, x: torch.Tensor):
     return compiled
 
 
-def measure(names, threads: int = 1, runs: int = 15) -> list[dict]:
+def measure(names, threads: int = 1, runs: int = 15, scheme: str = SCHEME, bits: int = BITS) -> list[dict]:
     """One row per model: median ms of each contender, speed-ups, conversion and compile seconds, agreement."""
     torch.set_num_threads(threads)
     rows = []
     for name in names:
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=False).eval()
-        fake = bitsweep.quantize_model(model, SCHEME, BITS)
+        fake = bitsweep.quantize_model(model, scheme, bits)
         noise = [torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(seed)) for seed in range(4)]
         start = time.perf_counter()
         int8 = to_int8(fake, fake.quantized_layers, noise)
@@ -156,6 +157,8 @@ def main() -> int:
     parser.add_argument("models", nargs="*", default=list(MODELS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--agreement", action="store_true", help="top-1 agreement table instead of speed")
+    parser.add_argument("--scheme", default=SCHEME, help=f"the codes the int8 path runs (default {SCHEME})")
+    parser.add_argument("--bits", type=int, default=BITS, help=f"their width (default {BITS})")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(cpu_summary(), flush=True)
@@ -163,7 +166,7 @@ def main() -> int:
     if args.agreement:
         _print(agreement())
         return 0
-    rows = measure(args.models, args.threads)
+    rows = measure(args.models, args.threads, scheme=args.scheme, bits=args.bits)
     _print(rows)
     missed = [row["model"] for row in rows if not row["met"]]
     if missed:

@@ -542,13 +542,18 @@ def _add_zero_point_terms(graph: torch.fx.GraphModule) -> None:
                 term = call(aten.mul.Tensor, (call(aten.sum.dim_IntList, (x, [-1], True)), _constant(graph, shift)))
             else:  # args: input, weight, bias, stride, padding, dilation, groups
                 groups = node.args[6] if len(node.args) > 6 else 1
-                if codes.shape[1] > 1:  # channels summed within each group: [N, groups, ...]
+                if groups == 1:  # channels summed: [N, 1, ...]
+                    x = call(aten.sum.dim_IntList, (x, [1], True))
+                elif codes.shape[1] > 1:  # channels summed within each group: [N, groups, ...]
                     x = call(aten.sum.dim_IntList, (call(aten.unflatten.int, (x, 1, [groups, -1])), [2]))
                 total, factor = _window_sum(graph, node, x, codes.shape[2:], groups)
                 spatial = (1,) * (codes.dim() - 2)
-                per_group = (shift * factor).reshape(1, groups, -1, *spatial)  # [1, groups, outputs per group, 1...]
-                spread = call(aten.mul.Tensor, (call(aten.unsqueeze.default, (total, 2)), _constant(graph, per_group)))
-                term = call(aten.flatten.using_ints, (spread, 1, 2))
+                if groups in (1, codes.shape[0]):  # one sum for every output, or one per output (depthwise)
+                    term = call(aten.mul.Tensor, (total, _constant(graph, (shift * factor).reshape(1, -1, *spatial))))
+                else:  # [1, groups, outputs per group, 1...]
+                    per_group = (shift * factor).reshape(1, groups, -1, *spatial)
+                    spread = call(aten.mul.Tensor, (call(aten.unsqueeze.default, (total, 2)), _constant(graph, per_group)))
+                    term = call(aten.flatten.using_ints, (spread, 1, 2))
             added = call(aten.add.Tensor, (node, term))
         node.replace_all_uses_with(added, delete_user_cb=lambda user: user is not added)
     graph.recompile()
