@@ -125,15 +125,20 @@ def test_converted_graph_computes_with_our_codes(small, batches, scheme, bits, g
 
 
 @pytest.mark.parametrize("scheme", ["symmetric", "asymmetric"])
-def test_8_bit_codes_stay_exact_on_every_cpu(small, batches, scheme):
+@pytest.mark.parametrize("limit", [64, 127])  # without VNNI (int16 pair sums) and with it, whatever this CPU has
+def test_8_bit_codes_stay_exact_on_every_cpu(small, batches, scheme, limit, monkeypatch):
     """8-bit codes reach +-127 (symmetric) or -128..127 (affine, less their zero point): exact on int8 kernels
-    with VNNI (int32 sums) and, without it, behind 7-bit activations; the graph then agrees with fake-quant
-    as closely as at narrower widths."""
+    with VNNI (int32 sums) and, without it, behind 7-bit activations, where no product pair can saturate
+    int16; the graph then agrees with fake-quant as closely as at narrower widths."""
+    monkeypatch.setattr(bitsweep.int8, "weight_limit", lambda: limit)
     fake = bitsweep.quantize_model(small, scheme, 8)
     graph = convert_int8(fake, fake.quantized_layers, batches)
     assert all(graph.int8_exact.values())
-    assert set(input_ranges(graph).values()) == ({255} if weight_limit() == 127 else {127})
+    ranges, held = input_ranges(graph), int8_weights(graph)
+    assert set(ranges.values()) == ({255} if limit == 127 else {127})
+    assert limit == 127 or all(2 * ranges[name] * int(held[name].codes.abs().max()) <= 32767 for name in held)
     with torch.no_grad():
+        assert relative_error(unrounded_activations(graph)(batches[0]), fake(batches[0])) < 1e-5
         assert relative_error(graph(batches[0]), fake(batches[0])) < 0.05
 
 
