@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import math
 import operator
 import threading
 import time
@@ -528,14 +529,13 @@ def _add_zero_point_terms(graph: torch.fx.GraphModule) -> None:
     """After each call of a layer in ``graph.weight_zero_points``, whose kernel multiplied the codes ``c``
     alone, add the zero point's share of ``(c - z) * s``: ``-z * s`` per output channel times the sum of
     the inputs that output reads, a channel sum per group then a window sum (``_window_sum``)."""
-    scales = {name: weight.scale for name, weight in int8_weights(graph).items()}
     aten = torch.ops.aten
     for node in list(graph.graph.nodes):
         name = _layer(node) if node.op == "call_function" and str(node.target) in _WEIGHT_OPS else None
         if name not in graph.weight_zero_points or "dequantize_per_channel" not in str(node.args[1].target):
             continue
-        shift = -graph.weight_zero_points[name].to(torch.float32) * scales[name]
-        codes = getattr(graph, node.args[1].args[0].target)
+        codes, scale = (getattr(graph, arg.target) for arg in node.args[1].args[:2])
+        shift = -graph.weight_zero_points[name].to(torch.float32) * scale
         x, call = node.args[0], graph.graph.call_function
         with graph.graph.inserting_before(node.next):  # in order, after the layer's call
             if str(node.target) == "aten.linear.default":
@@ -576,7 +576,7 @@ def _window_sum(graph: torch.fx.GraphModule, conv: torch.fx.Node, x: torch.fx.No
                 size, step, pad = ([value[axis] if a == axis else d for a, d in enumerate(default)]
                                    for value, default in ((kernel, ones), (stride, ones), (padding, [0] * len(kernel))))
                 x = graph.graph.call_function(pool, (x, size, step, pad, False, True))
-        return x, float(torch.tensor(kernel).prod())
+        return x, float(math.prod(kernel))
     weight = _constant(graph, torch.ones(groups, 1, *kernel))
     return graph.graph.call_function(conv.target, (x, weight, None, stride, padding, dilation, groups)), 1.0
 
