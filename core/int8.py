@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import logging
 import math
 import operator
 import threading
@@ -175,12 +176,19 @@ class Int8Module(nn.Module):
 
 
 def _pt2e():
+    # torchao registers an Enum with torch's pytree the way torch 2.14 deprecates: a warning log line in
+    # every program's output that no user can act on
+    pytree_log = logging.getLogger("torch.utils._pytree")
+    level = pytree_log.level
+    pytree_log.setLevel(logging.ERROR)
     try:
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
         from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
     except ImportError as exc:
         raise BitsweepError(f"the int8-compute path needs torchao ({exc}); pip install torchao==0.18.0, "
                             f"or {_FIX}") from None
+    finally:
+        pytree_log.setLevel(level)
     return prepare_pt2e, convert_pt2e, x86
 
 
@@ -251,7 +259,8 @@ def convert_int8(model: nn.Module, layers: dict[str, QuantizedTensor],
         _add_zero_point_terms(converted)
         exact_weights = {name: _folded(layers[name], folds.get(name)) for name, exact in converted.int8_exact.items()
                          if not exact}  # the requantized layers' weights as the fake-quant model has them
-        _check_follows(unrounded_activations(converted, exact_weights), source, batches[0][:8], type(model).__name__)
+        first = torch.cat(batches[:8])[:8]  # the first 8 images, however the batches split them
+        _check_follows(unrounded_activations(converted, exact_weights), source, first, type(model).__name__)
     converted.bn_folds = {name: factor for name, factor in folds.items() if name in converted.int8_exact}
     converted.fp32_layers = tuple(name for name, _ in quantizable_layers(model) if name not in converted.int8_exact)
     return converted

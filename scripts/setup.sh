@@ -28,10 +28,11 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 
-# Reinstall only when the project's requirements change.
+# Reinstall only when the project's requirements change (a dev install holds everything a plain one needs).
 extra=${1:-}
 stamp=".venv/.bitsweep-installed${extra:+-$extra}"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ tests/example_plugin/pyproject.toml -nt "$stamp" ]; then
+current() { [ -f "$1" ] && [ ! pyproject.toml -nt "$1" ] && [ ! tests/example_plugin/pyproject.toml -nt "$1" ]; }
+if ! current "$stamp" && { [ -n "$extra" ] || ! current .venv/.bitsweep-installed-dev; }; then
   echo "setup: installing Python packages into .venv (first time: a few minutes)"
   # Hide pip's notes about local package mirrors that do not exist; its exit status still counts.
   pip() { .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@" \

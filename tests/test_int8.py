@@ -1,5 +1,6 @@
 """The int8-compute path: our codes in the converted graph, compiled outputs equal to it, close to fake-quant."""
 
+import subprocess
 import sys
 
 import pytest
@@ -344,6 +345,17 @@ def test_missing_torchao_is_one_line(small, monkeypatch):
     fake = bitsweep.quantize_model(small, "symmetric", 4)
     with pytest.raises(BitsweepError, match=r"needs torchao.*pip install torchao.*weight-only path"):
         to_int8(fake, fake.quantized_layers)
+
+
+def test_converting_prints_nothing_in_a_fresh_process():
+    """torchao's import logs a torch deprecation no user can act on (its ``KernelPreference`` Enum): a sweep's
+    output must not open with it."""
+    code = ("import torch, bitsweep; from bitsweep.int8 import convert_int8; "
+            "model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()); "
+            "q = bitsweep.quantize_model(model, 'symmetric', 8); "
+            "convert_int8(q, q.quantized_layers, input_size=(3, 8, 8))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
 def test_inductor_failure_is_one_line(small, batches):
