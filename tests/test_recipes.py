@@ -18,10 +18,13 @@ from bitsweep import tune
 from bitsweep.registry import build_registry
 
 
+RESNET_KWARGS = {"num_classes": 10, "channels": [16, 32, 64, 128]}  # resnet18's blocks, a quarter of its widths
+
+
 @pytest.fixture(scope="module")
 def resnet():
     torch.manual_seed(0)
-    model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    model = timm.create_model("resnet18", pretrained=False, **RESNET_KWARGS)
     model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 32, 32)}  # small synthetic inputs: fast
     return randomize_norms(model)
 
@@ -154,7 +157,7 @@ def test_folding_keeps_the_function_and_the_architecture(resnet, tmp_path):
     # The folded model is still timm's resnet18: the packed file rebuilds it and runs the same codes.
     quantized = bitsweep.quantize_model(resnet, "symmetric", 4, recipe="fold")
     path = bitsweep.save_packed(quantized, tmp_path / "fold.safetensors", arch="resnet18",
-                                arch_kwargs={"num_classes": 10})
+                                arch_kwargs=RESNET_KWARGS)
     with torch.no_grad():
         torch.testing.assert_close(bitsweep.load_packed(path)(x), quantized(x), rtol=1e-4, atol=1e-4)
 
@@ -293,7 +296,7 @@ def test_every_recipe_packs_and_runs_from_the_packed_file(resnet, recipe, tmp_pa
     layers = [name for name, _ in quantizable_layers(resnet)]
     assert list(quantized.quantized_layers) == layers[1:]
     path = bitsweep.save_packed(quantized, tmp_path / "m.safetensors", arch="resnet18",
-                                arch_kwargs={"num_classes": 10})
+                                arch_kwargs=RESNET_KWARGS)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(bitsweep.load_packed(path)(x), quantized(x), rtol=1e-4, atol=1e-4)
