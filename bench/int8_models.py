@@ -5,9 +5,10 @@
     taskset -c 1 .venv/bin/python bench/int8_models.py tf_efficientnet_lite0 --bits 8  # other codes (default 4)
 
 Models have random weights (speed does not depend on them); each is fake-quantized (asymmetric 4-bit
-per channel by default: exact on int8; at 8 bits the zero points are added apart, which costs time) and converted with the same 4 noise images for activation ranges as the
-incumbent gets (``convert_s``: export to converted graph; ``compile_s``: inductor at batch 1). All
-contenders run alternately so that load from other processes hits them alike.
+per channel by default: exact on int8; at 8 bits the zero points are added apart, which costs time)
+and converted with the same 4 noise images for activation ranges as the incumbent gets (``convert_s``:
+export to converted graph; ``compile_s``: inductor at batch 1). All contenders run alternately so that
+load from other processes hits them alike.
 
 The incumbent is plain pt2e: torchao's ``X86InductorQuantizer`` with its own observers compiled by
 inductor, on the fp32 model (``pt2e_s``: all of it). Targets: bitsweep's int8 module at least 0.9x the
