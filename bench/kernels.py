@@ -11,9 +11,10 @@ Linear: every layer's weights are cold (``LAYERS`` distinct layers are cycled, f
 the caches hold), as in a real model where each weight is read once per token. fp32
 ``F.linear``, the packed kernel and (4-bit) PyTorch's int4pack kernel with bf16 activations
 run alternately on the same layer index, so load from other processes hits all of them alike;
-each figure is the median over all calls. torchao's int8 dynamic Linear (int8 weights and
-activations, compiled by inductor as torchao intends; ``--no-torchao`` skips it) runs all
-layers in one compiled call, timed apart, per layer.
+each figure is the median over all calls. At batch 1, ``read ms`` is the time to read the packed
+bytes alone (no kernel reading them can be faster), measured the same way. torchao's int8 dynamic
+Linear (int8 weights and activations, compiled by inductor as torchao intends; ``--no-torchao``
+skips it) runs all layers in one compiled call, timed apart, per layer.
 
 Whole models (batch 1): fp32 eager, the weight-only packed path, the pt2e incumbent and the int8 path
 (``int8_models.py``). Memory: after ``load_packed``, the bytes of every tensor storage the
@@ -108,6 +109,12 @@ def _torchao_int8_seconds(n: int, k: int, x: torch.Tensor, layers: int, repeats:
     return seconds / layers
 
 
+def read_only(codes: torch.Tensor) -> torch.Tensor:
+    """Reads every byte of ``codes`` once and nothing more (an int32 maximum): the least time any kernel
+    reading them can take, which bounds the speed-up over an incumbent reading as many bytes."""
+    return codes[: codes.numel() // 4 * 4].view(torch.int32).amax()
+
+
 def linear_rows(n: int, k: int, batches=BATCHES, schemes=SCHEMES, widths=WIDTHS, layers: int = LAYERS,
                 repeats: int = 5, torchao: bool = True) -> list[dict]:
     """One row per (batch, scheme, width) for the ``[n, k]`` Linear."""
@@ -125,6 +132,8 @@ def linear_rows(n: int, k: int, batches=BATCHES, schemes=SCHEMES, widths=WIDTHS,
                 x = torch.randn(batch, k)
                 xb = x.bfloat16()
                 calls = {"fp32": lambda i: F.linear(x, dense[i]), "packed": lambda i: packed[i].linear(x)}
+                if batch == 1:
+                    calls["read"] = lambda i: read_only(packed[i].codes)
                 if bits == 4:
                     calls["int4"] = lambda i: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, int4[i][0], INT4_GROUP,
                                                                                         int4[i][1])
@@ -136,6 +145,7 @@ def linear_rows(n: int, k: int, batches=BATCHES, schemes=SCHEMES, widths=WIDTHS,
                 int8_ms = int8[batch] * 1e3 if int8.get(batch) is not None else None
                 rows.append({"shape": f"{n}x{k}", "batch": batch, "scheme": scheme, "bits": bits,
                              "fp32_ms": t["fp32"] * 1e3, "packed_ms": t["packed"] * 1e3, "speedup": speedup,
+                             "read_ms": t["read"] * 1e3 if "read" in t else None,
                              "int4_bf16_ms": t["int4"] * 1e3 if "int4" in t else None, "int8_dyn_ms": int8_ms,
                              "target": target, "ok": speedup >= target and int4_ok})
             packed = None  # frees this width's layers before the next is built
@@ -149,16 +159,26 @@ def linear_table(threads: int = 1, shapes=SHAPES, **kwargs) -> list[dict]:
 
 
 LINEAR_HEADER = (f"{'shape':>10} {'batch':>5} {'scheme':>10} {'bits':>4} {'fp32 ms':>8} {'packed ms':>9} "
-                 f"{'speed-up':>8} {'int4 bf16 ms':>12} {'int8 dyn ms':>11} {'target':>6}  ok")
+                 f"{'speed-up':>8} {'read ms':>7} {'int4 bf16 ms':>12} {'int8 dyn ms':>11} {'target':>6}  ok")
+
+
+def column(value: float | None, width: int) -> str:
+    return f"{value:{width}.3f}" if value is not None else f"{'':>{width}}"
 
 
 def print_linear(rows: list[dict]) -> None:
+    """The rows, then a line for each batch-1 row whose int4pack target asks for less time than reading
+    its bytes takes (no kernel can meet it on this machine)."""
     for r in rows:
-        int4 = f"{r['int4_bf16_ms']:12.3f}" if r["int4_bf16_ms"] is not None else f"{'':>12}"
-        int8 = f"{r['int8_dyn_ms']:11.3f}" if r["int8_dyn_ms"] is not None else f"{'':>11}"
         print(f"{r['shape']:>10} {r['batch']:>5} {r['scheme']:>10} {r['bits']:>4} {r['fp32_ms']:8.3f} "
-              f"{r['packed_ms']:9.3f} {r['speedup']:7.2f}x {int4} {int8} {r['target']:5.1f}x  "
-              f"{'yes' if r['ok'] else 'NO'}", flush=True)
+              f"{r['packed_ms']:9.3f} {r['speedup']:7.2f}x {column(r['read_ms'], 7)} {column(r['int4_bf16_ms'], 12)} "
+              f"{column(r['int8_dyn_ms'], 11)} {r['target']:5.1f}x  {'yes' if r['ok'] else 'NO'}", flush=True)
+    for r in rows:
+        if r["batch"] == 1 and r["int4_bf16_ms"] is not None and r["scheme"] != "pow2":
+            needed = r["int4_bf16_ms"] / INT4_TARGET
+            if needed < r["read_ms"]:
+                print(f"{r['shape']} {r['scheme']} {r['bits']}-bit: {INT4_TARGET:g}x int4pack needs {needed:.3f} ms, "
+                      f"less than reading the packed bytes alone takes ({r['read_ms']:.3f} ms)")
 
 
 # --- whole models -------------------------------------------------------------------------

@@ -30,6 +30,11 @@ Layer make_layer(const torch::Tensor& prepared, int64_t N, int64_t K, int64_t bi
                lut.data_ptr<float>(), scale.data_ptr<float>(), zero.data_ptr<float>()};
 }
 
+// How the Linear kernel makes levels from codes with this table (kernels.h's Kind).
+int level_kind(const float* lut, int64_t bits, bool linear_lut) {
+  return linear_lut ? kLinear : bits >= 4 && is_pow2(lut, bits) ? kPow2 : kTable;
+}
+
 }  // namespace
 
 // The kernels' layout (kernels.h) from the file's: one LSB-first bitstream of all codes.
@@ -79,7 +84,7 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor prepared, int64_t N, int64_t
   const float* xp = x.data_ptr<float>();
   auto y = torch::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  const int kind = linear_lut ? kLinear : bits >= 4 && is_pow2(L.lut, bits) ? kPow2 : kTable;
+  const int kind = level_kind(L.lut, bits, linear_lut);
   // Scale x so that x', the levels and every product and sum stay normal floats whatever the CPU's
   // denormal modes (|x| < 2^e): linear levels u * 2^p take x * 2^(S - p) with S = 32 - e (products
   // x * u * 2^S); pow2 levels 2^(|c| - 127) take x * 2^(127 - L - a), products x * 2^(|c| - L - a),
@@ -139,31 +144,51 @@ torch::Tensor decode(torch::Tensor prepared, int64_t N, int64_t K, int64_t bits,
   return w;
 }
 
-// x @ W.T for large batches: W decoded a slice of rows at a time into a buffer that stays in cache,
-// each slice multiplied by the BLAS straight into its columns of y, so the fp32 weight never goes to
-// memory and y is never transposed or copied.
+// x @ W.T for large batches: W decoded a slice of rows at a time into a buffer that stays in cache, each
+// slice multiplied by the BLAS straight into its part of y. The BLAS packs x again for each slice, so a
+// slice holds at least eight times x's floats. Up to kTransposedMaxRows rows of x, a W of several slices
+// is multiplied as W x.T into rows of y.T, transposed once at the end: each slice's output is contiguous
+// and W's rows are the BLAS's A as stored (slices of y's columns ran 10-90 % slower than one whole fp32
+// product with AVX-512). With more rows of x, or one slice, x W.T into y's columns is the faster.
 torch::Tensor linear_decoded(torch::Tensor x, torch::Tensor prepared, int64_t N, int64_t K, int64_t bits,
                              torch::Tensor lut, torch::Tensor scale, torch::Tensor zero, int64_t group) {
   const Layer L = make_layer(prepared, N, K, bits, lut, scale, zero, group);
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == K, "x must be float32 [M, K]");
   x = x.contiguous();
-  const int64_t rows = std::min(N, std::max<int64_t>(4, (kChunkBytes / (4 * K)) & ~int64_t(3)));
-  auto y = torch::empty({x.size(0), N}, x.options());
+  const int64_t M = x.size(0);
+  const int64_t rows = std::min(N, std::max<int64_t>({4, kChunkBytes / (4 * K), 8 * M}) & ~int64_t(3));
+  const bool transposed = rows < N && M <= kTransposedMaxRows;
+  auto y = transposed ? torch::empty({N, M}, x.options()) : torch::empty({M, N}, x.options());
   auto w = torch::empty({rows, K}, x.options());
   for (int64_t n0 = 0; n0 < N; n0 += rows) {
     const int64_t n1 = std::min(N, n0 + rows);
     decode_range(L, w.data_ptr<float>(), n0, n1);
-    auto out = y.narrow(1, n0, n1 - n0);
-    at::mm_out(out, x, w.narrow(0, 0, n1 - n0).t());
+    const auto slice = w.narrow(0, 0, n1 - n0);
+    if (transposed) {
+      auto out = y.narrow(0, n0, n1 - n0);
+      at::mm_out(out, slice, x.t());
+    } else {
+      auto out = y.narrow(1, n0, n1 - n0);
+      at::mm_out(out, x, slice.t());
+    }
   }
-  return y;
+  return transposed ? y.t().contiguous() : y;
 }
 
 // The widest vectors the Linear kernel was compiled for: 512 (AVX-512) or 256 (AVX2).
 int64_t vector_bits() { return BITSWEEP_AVX512 ? 512 : 256; }
 
+// Whether the Linear kernel's blocks run on 512-bit vectors for this width and table.
+bool runs_wide(torch::Tensor lut, int64_t bits, bool linear_lut) {
+  TORCH_CHECK(bits >= 2 && bits <= 8, "bits must be 2..8");
+  TORCH_CHECK(lut.dtype() == torch::kFloat32 && lut.is_contiguous() && lut.numel() == (int64_t(1) << bits),
+              "lut must hold 2^bits float32 levels");
+  return wide_blocks(level_kind(lut.data_ptr<float>(), bits, linear_lut), int(bits));
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vector_bits", &vector_bits, "512 where the kernels were compiled for AVX-512, else 256 (AVX2)");
+  m.def("wide_blocks", &runs_wide, "whether the Linear kernel's blocks run on 512-bit vectors for this table");
   m.def("prepare", &prepare, "the kernels' layout from a packed bitstream");
   m.def("linear", &linear, "x @ W.T for packed n-bit W");
   m.def("decode", &decode, "float32 W from packed n-bit codes");

@@ -34,9 +34,9 @@
 
 // Where the compiler targets AVX-512 (-march=native on Intel Ice Lake and later, AMD Zen 4 and later),
 // the Linear kernel's blocks run on 512-bit vectors, two slots per vector (see pair()), for the widths
-// and kinds where that measured faster than the AVX2 code (wide_blocks()); elsewhere, and for the tail
-// and decode everywhere, the AVX2 code. Same layout and results either way; vector_bits() says which was
-// compiled. -DBITSWEEP_NO_AVX512 forces the AVX2 code.
+// and kinds where that measured faster than the AVX2 code (wide_blocks()), and so does decoding of linear
+// and pow2 codes; elsewhere, and for the tail everywhere, the AVX2 code. Same layout and results either
+// way; vector_bits() says which was compiled. -DBITSWEEP_NO_AVX512 forces the AVX2 code.
 #if defined(__AVX512F__) && !defined(BITSWEEP_NO_AVX512)
 #define BITSWEEP_AVX512 1
 #else
@@ -53,10 +53,12 @@ constexpr int64_t kBlock = 256;  // codes per block: 8 lanes x 32 slots
 constexpr int64_t kPrefetchL1 = 2048, kPrefetchL2 = 16384;
 // Decoding reads one row's blocks of a run at a time: its L2 requests go this many blocks ahead.
 constexpr int64_t kDecodeAhead = 8;
-// Large batches decode this many bytes of fp32 weight at a time: the slice stays in L3 while the BLAS
-// reads it, and is tall enough that the BLAS packing x again for every slice costs little (a 256 KB
-// slice of a 3072-wide layer is only 20 rows).
-constexpr int64_t kChunkBytes = 2048 * 1024;
+// Large batches decode at least this many bytes of fp32 weight at a time (more for more rows of x: see
+// linear_decoded), a slice that stays in cache while the BLAS reads it.
+constexpr int64_t kChunkBytes = 1024 * 1024;
+// Up to this many rows of x, W x.T into y.T's rows beat x W.T into y's columns by 6-14 % with AVX-512
+// (768x3072 to 4096x4096; 3-19 % slower from 128 rows on).
+constexpr int64_t kTransposedMaxRows = 64;
 
 // How levels are made from codes: u itself, converted from its bits in place (lut[0] added per group
 // via the sums of x); a table lookup; or, for the pow2 scheme's table at >= 4 bits, sign and exponent
@@ -107,13 +109,14 @@ INLINE __m256i code_u(const uint8_t* blk) {
 // so pairs are used only where they save operations or loads: 2- and 4-bit linear codes (in place, no
 // code straddles a word, both slots of a pair in one word: one broadcast load), and tables of 4 to 32
 // levels (one vpermps / vpermt2ps for 16 weights, where AVX2 needs two vpermps and a blend, or a gather,
-// or pow2's bit arithmetic). Elsewhere (odd widths' straddling codes, 6 and 8 bits, 3-bit tables: one
-// 256-bit vpermps already, larger tables, pow2's bits at 6 to 8 bits) pairs save nothing and the AVX2
-// code runs; bench/kernels.py measures both on the machine at hand.
+// or pow2's bit arithmetic), and pow2's bits at 6 to 8 bits (five integer operations for 16 levels, where
+// AVX2 takes five for 8). Elsewhere (odd widths' straddling linear codes, 6 and 8 bits, 3-bit tables: one
+// 256-bit vpermps already, larger tables) pairs save nothing and the AVX2 code runs; bench/kernels.py
+// measures both on the machine at hand.
 constexpr bool wide_blocks(int kind, int B) {
   if (!BITSWEEP_AVX512) return false;
   if (kind == kLinear) return B == 2 || B == 4;
-  return B == 2 || B == 4 || B == 5;
+  return B == 2 || B == 4 || B == 5 || kind == kPow2;
 }
 
 // Where slot I's code sits in the 32-bit lane a linear level is converted from: in place at bit o when
@@ -321,9 +324,30 @@ struct Tables {
   __m512 t[2];
 };
 
+// pow2's levels of slots I and I + 1 from their bits, as level() makes them (6 to 8 bits: larger tables
+// than one vpermt2ps holds). AVX-512 has no vpsignd, so the exponent field is |c| (vpabsd) and the sign
+// bit c's (one vpternlogd). In place, (u - L) << o has c's sign as an int32 (o + B < 32), and one rotate
+// moves |c| from bit o to the exponent at bit 23, whichever side of it o is.
+template <int B, int I>
+INLINE __m512 pow2_level2(const uint8_t* blk) {
+  using S0 = Slot<B, I>;
+  using S1 = Slot<B, I + 1>;
+  constexpr int L = (1 << (B - 1)) - 1;
+  __m512i c, e;
+  if constexpr (shifted<B, I>() && shifted<B, I + 1>()) {
+    const __m512i u = _mm512_and_si512(words2<S0::d, S1::d>(blk), halves(S0::mask << S0::o, S1::mask << S1::o));
+    c = _mm512_sub_epi32(u, halves(L << S0::o, L << S1::o));
+    e = _mm512_rolv_epi32(_mm512_abs_epi32(c), halves((23 - S0::o) & 31, (23 - S1::o) & 31));
+  } else {
+    c = _mm512_sub_epi32(pair_codes<B, I, true>(blk), _mm512_set1_epi32(L));
+    e = _mm512_slli_epi32(_mm512_abs_epi32(c), 23);
+  }
+  return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(e, c, _mm512_set1_epi32(INT32_MIN), 0xF8));  // e | c&sign
+}
+
 // The levels of slots I and I + 1 as pair() multiplies them: the 512-bit level(). Linear codes are
 // converted in place (u << o, one AND); tables of up to 32 levels are one vpermps / vpermt2ps, pow2's
-// too (its levels as level() makes them from the bits).
+// too (its levels as level() makes them from the bits); pow2 at 6 to 8 bits is pow2_level2().
 template <int B, int KIND, int I>
 INLINE __m512 level2(const uint8_t* blk, const float* lut, const Tables& t) {
   using S0 = Slot<B, I>;
@@ -337,6 +361,8 @@ INLINE __m512 level2(const uint8_t* blk, const float* lut, const Tables& t) {
     else
       return _mm512_cvtepi32_ps(
           _mm512_and_si512(words2<S0::d, S1::d>(blk), halves(S0::mask << S0::o, S1::mask << S1::o)));
+  } else if constexpr (KIND == kPow2 && B >= 6) {
+    return pow2_level2<B, I>(blk);
   } else if constexpr (B <= 4) {
     return _mm512_permutexvar_ps(pair_codes<B, I, false>(blk), t.t[0]);  // reads 4 index bits
   } else {

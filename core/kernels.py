@@ -32,12 +32,13 @@ SOURCES = tuple(Path(__file__).with_name(name) for name in ("kernels.cpp", "kern
 HEADER = Path(__file__).with_name("kernels.h")
 
 
-# Up to this many rows of x the fused kernel wins; beyond it, slices are decoded for the BLAS. The fused
-# kernel makes each level once per four rows of x, decoding makes it once: where a level costs more than
-# converting its code (pow2's bits and gathered tables at 6 to 8 bits), decoding wins from fewer rows
-# (bench/kernels.py, batches 16 to 64).
-FUSED_MAX_BATCH = 32
-FUSED_MAX_BATCH_COSTLY_LEVELS = 16
+# Up to this many rows of x the fused kernel wins; beyond it, slices are decoded for the BLAS
+# (bench/kernels.py, batches 8 to 64). The fused kernel makes each level once per four rows of x, decoding
+# makes it once, so where a level costs more than converting its code (pow2's bits and gathered tables at
+# 6 to 8 bits) decoding wins from fewer rows. Where the BLAS has AVX-512 it multiplies 16 floats per
+# instruction: the fused kernel keeps up to fewer rows, and with cheap levels only where its blocks run on
+# 512-bit vectors too. By the width of the kernels' vectors: (cheap levels, costly levels).
+FUSED_MAX_BATCH = {256: (32, 16), 512: (24, 12)}
 
 
 class KernelWarning(UserWarning):
@@ -145,8 +146,11 @@ class KernelWeight:
 
     def fused_max_batch(self) -> int:
         """The most rows of x the fused kernel takes; more are multiplied by decoding slices for the BLAS."""
+        ext = extension()
+        width = ext.vector_bits()
         costly = not self.linear_lut and self.bits >= 6
-        return FUSED_MAX_BATCH_COSTLY_LEVELS if costly else FUSED_MAX_BATCH
+        narrow = width == 512 and not ext.wide_blocks(self.lut, self.bits, self.linear_lut)
+        return FUSED_MAX_BATCH[width][costly or narrow]
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` for float32 ``x [M, K]``."""

@@ -65,8 +65,7 @@ def test_decode_is_bit_exact_and_linear_matches_f_linear(ext, scheme, bits, monk
             ref = F.linear(x, weight)
             assert relative_error(w.linear(x), ref) < 1e-5, (n, k, group, batch)
         # Batches beyond the fused kernel's: slices decoded for the BLAS.
-        monkeypatch.setattr(kernels, "FUSED_MAX_BATCH", 0)
-        monkeypatch.setattr(kernels, "FUSED_MAX_BATCH_COSTLY_LEVELS", 0)
+        monkeypatch.setattr(kernels, "FUSED_MAX_BATCH", {256: (0, 0), 512: (0, 0)})
         for batch in (1, 64):
             x = torch.randn(batch, k)
             assert relative_error(w.linear(x), F.linear(x, weight)) < 1e-5, (n, k, group, batch)
@@ -75,15 +74,19 @@ def test_decode_is_bit_exact_and_linear_matches_f_linear(ext, scheme, bits, monk
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("bits", BITS)
-def test_batches_between_16_and_32_take_the_fused_kernel_unless_levels_are_costly(ext, scheme, bits):
-    """pow2's levels at 6 to 8 bits are built from their bits once per four rows of x by the fused kernel,
-    once by decoding: from 17 rows they are decoded (the two paths round differently, so the result says
-    which one ran)."""
+def test_the_fused_kernel_takes_batches_up_to_its_limit_and_decoding_the_rest(ext, scheme, bits):
+    """Up to fused_max_batch() rows of x run the fused kernel, more are decoded slice by slice (the two paths
+    round differently, so the result says which one ran). The limit is the lower one where levels are costly
+    (pow2's bits at 6 to 8 bits) and, with AVX-512, where the blocks run on 256-bit vectors."""
     w, weight = make_case(scheme, bits, 20, 512, 512)
     args = (w.codes, w.n, w.k, w.bits, w.lut)
+    width = ext.vector_bits()
     costly = scheme == "pow2" and bits >= 6
+    narrow = width == 512 and not ext.wide_blocks(w.lut, bits, w.linear_lut)
+    limit = w.fused_max_batch()
+    assert limit == kernels.FUSED_MAX_BATCH[width][costly or narrow]
     gen = torch.Generator().manual_seed(bits)
-    for batch, decoded in ((16, False), (17, costly), (32, costly)):
+    for batch, decoded in ((limit, False), (limit + 1, True)):
         x = torch.randn(batch, 512, generator=gen)
         fused = ext.linear(x, *args, w.linear_lut, w.scale, w.zero, w.group)
         sliced = ext.linear_decoded(x, *args, w.scale, w.zero, w.group)
@@ -93,15 +96,27 @@ def test_batches_between_16_and_32_take_the_fused_kernel_unless_levels_are_costl
         assert relative_error(out, F.linear(x, weight)) < 1e-5
 
 
+def test_blocks_run_on_512_bit_vectors_where_they_save_instructions(ext):
+    """With AVX-512: 2- and 4-bit linear codes, tables of 4, 16 and 32 levels and pow2 from 4 bits; the
+    AVX2 blocks elsewhere, and everywhere on CPUs without AVX-512."""
+    cases = {(scheme, bits): make_case(scheme, bits, 1, 8, 8)[0] for scheme in SCHEMES for bits in BITS}
+    wide = {case for case, w in cases.items() if ext.wide_blocks(w.lut, w.bits, w.linear_lut)}
+    expected = {("asymmetric", 2), ("asymmetric", 4), ("symmetric", 2), ("symmetric", 4), ("pow2", 2),
+                *(("pow2", bits) for bits in range(4, 9))}
+    assert wide == (expected if ext.vector_bits() == 512 else set())
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("n, k", [(1200, 1000), (3000, 700)])
 @pytest.mark.parametrize("group", [None, 64, 100])
 def test_large_batches_decode_every_slice(ext, scheme, n, k, group):
-    """Weights of 4.8 and 8.4 MB in fp32 are decoded in slices of rows (at most 2 MB each) for batches beyond
-    the fused kernel's, per channel and with groups that do or do not end on a block."""
+    """Weights of 4.8 and 8.4 MB in fp32 are decoded in slices of rows (1 MB, or 8 rows per row of x) for
+    batches beyond the fused kernel's, per channel and with groups that do or do not end on a block. Each
+    slice goes into rows of y.T up to 64 rows of x, into columns of y beyond."""
     w, weight = make_case(scheme, 3, n, k, group or k)
-    x = torch.randn(kernels.FUSED_MAX_BATCH + 8, k, generator=torch.Generator().manual_seed(n))
-    assert relative_error(w.linear(x), F.linear(x, weight)) < 1e-5
+    for batch in (w.fused_max_batch() + 8, 100):
+        x = torch.randn(batch, k, generator=torch.Generator().manual_seed(n))
+        assert relative_error(w.linear(x), F.linear(x, weight)) < 1e-5, batch
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -206,6 +221,7 @@ BAD_CALLS = {
     "data of the wrong length": lambda e, a: e.prepare(torch.zeros(14, dtype=torch.uint8), 5, 40, 3),
     "negative rows": lambda e, a: e.prepare(torch.zeros(15, dtype=torch.uint8), -5, 40, 3),
     "data not uint8": lambda e, a: e.prepare(torch.zeros(15, dtype=torch.int32), 5, 40, 3),
+    "table of the wrong size": lambda e, a: e.wide_blocks(a["lut"], 4, False),
 }
 
 
