@@ -207,8 +207,9 @@ def draw_dendrogram(clusters: dict, view: str, model: str, path: Path) -> Path:
     if item["threshold"] is not None:
         ax.axhline(item["threshold"], color="black", linestyle="--", linewidth=1)
     heights = np.array(item["linkage"])[-(min(len(names), 40) - 1):, 2]  # the merges drawn
-    if heights.min() > 0.5 * heights.max():  # all near the top (e.g. 1000 nearly orthogonal classes): zoom in
-        ax.set_ylim(heights.min() - 0.1 * np.ptp(heights), heights.max() + 0.05 * np.ptp(heights))
+    spread = np.ptp(heights)
+    if spread > 0 and heights.min() > 0.5 * heights.max():  # all near the top (e.g. 1000 nearly orthogonal classes)
+        ax.set_ylim(heights.min() - 0.1 * spread, heights.max() + 0.05 * spread)  # zoom in
     ax.tick_params(axis="x", labelrotation=60, labelsize=8)
     ax.set(title=f"{model}: classes clustered by {view} (cut into {item['k']} super-classes)", ylabel="distance")
     return _save(figure, path)

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -189,3 +190,13 @@ def test_layer_sensitivity_is_the_accuracy_with_only_that_layer_quantized(finish
     assert drops["layers"] == layers and drops["bits"] == [8, 4]
     assert drops["values"][0] == [next(r["drop"] for r in found["rows"] if (r["layer"], r["bits"]) == (layers[0], b))
                                   for b in (8, 4)]
+
+
+def test_a_dendrogram_whose_merges_are_all_at_one_height_draws_without_warnings(tmp_path):
+    """Classes all equally far apart (as a tiny model's may be): nothing to zoom into, and no singular y-axis."""
+    clusters = {"class_names": list("abcd"),
+                "weights": {"linkage": [[0, 1, 1.0, 2], [2, 3, 1.0, 2], [4, 5, 1.0, 4]], "threshold": None, "k": 1}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = figures.draw_dendrogram(clusters, "weights", "tiny", tmp_path / "dendrogram.png")
+    assert Image.open(path).format == "PNG"
