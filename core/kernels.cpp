@@ -10,24 +10,30 @@ using namespace bitsweep_kernels;
 
 namespace {
 
+// The width and its table of levels, once checked.
+const float* checked_table(const torch::Tensor& lut, int64_t bits) {
+  TORCH_CHECK(bits >= 2 && bits <= 8, "bits must be 2..8");
+  TORCH_CHECK(lut.dtype() == torch::kFloat32 && lut.is_contiguous() && lut.numel() == (int64_t(1) << bits),
+              "lut must hold 2^bits float32 levels");
+  return lut.data_ptr<float>();
+}
+
 // The layer a call describes, once its tensors are checked.
 Layer make_layer(const torch::Tensor& prepared, int64_t N, int64_t K, int64_t bits, const torch::Tensor& lut,
                  const torch::Tensor& scale, const torch::Tensor& zero, int64_t group) {
-  TORCH_CHECK(bits >= 2 && bits <= 8, "bits must be 2..8");
+  const float* levels = checked_table(lut, bits);
   TORCH_CHECK(N >= 0 && K > 0 && group > 0, "bad shape");
   const int64_t G = (K + group - 1) / group, nblocks = K / kBlock;
   TORCH_CHECK(prepared.dtype() == torch::kUInt8 && prepared.is_contiguous() && prepared.dim() == 1 &&
                   prepared.numel() == prepared_bytes(N, K, bits),
               "prepared codes must be prepare()'s output for this shape and width");
-  TORCH_CHECK(lut.dtype() == torch::kFloat32 && lut.is_contiguous() && lut.numel() == (int64_t(1) << bits),
-              "lut must hold 2^bits float32 levels");
   TORCH_CHECK(scale.dtype() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == N * G,
               "scale must be float32 [N, groups]");
   TORCH_CHECK(zero.dtype() == torch::kFloat32 && zero.is_contiguous() && zero.numel() == N * G,
               "zero point must be float32 [N, groups]");
   const uint8_t* data = prepared.data_ptr<uint8_t>();
-  return Layer{data, data + N * nblocks * 32 * bits, N, K, bits, nblocks, K % kBlock, group, G,
-               lut.data_ptr<float>(), scale.data_ptr<float>(), zero.data_ptr<float>()};
+  return Layer{data, data + N * nblocks * 32 * bits, N, K, bits, nblocks, K % kBlock, group, G, levels,
+               scale.data_ptr<float>(), zero.data_ptr<float>()};
 }
 
 // How the Linear kernel makes levels from codes with this table (kernels.h's Kind).
@@ -180,10 +186,7 @@ int64_t vector_bits() { return BITSWEEP_AVX512 ? 512 : 256; }
 
 // Whether the Linear kernel's blocks run on 512-bit vectors for this width and table.
 bool runs_wide(torch::Tensor lut, int64_t bits, bool linear_lut) {
-  TORCH_CHECK(bits >= 2 && bits <= 8, "bits must be 2..8");
-  TORCH_CHECK(lut.dtype() == torch::kFloat32 && lut.is_contiguous() && lut.numel() == (int64_t(1) << bits),
-              "lut must hold 2^bits float32 levels");
-  return wide_blocks(level_kind(lut.data_ptr<float>(), bits, linear_lut), int(bits));
+  return wide_blocks(level_kind(checked_table(lut, bits), bits, linear_lut), int(bits));
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

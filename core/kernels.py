@@ -144,13 +144,19 @@ class KernelWeight:
         zero = self.zero.repeat_interleave(self.group, dim=1)[:, : self.k]
         return levels.sub_(zero).mul_(scale)
 
-    def fused_max_batch(self) -> int:
-        """The most rows of x the fused kernel takes; more are multiplied by decoding slices for the BLAS."""
+    @functools.cached_property
+    def _fused_limit_key(self) -> tuple[int, bool]:
+        """Where in FUSED_MAX_BATCH this weight's limit is: the kernels' vector width, and whether its levels
+        are costly or, with AVX-512, its blocks 256-bit. Asked of the extension once, not on every call."""
         ext = extension()
         width = ext.vector_bits()
         costly = not self.linear_lut and self.bits >= 6
-        narrow = width == 512 and not ext.wide_blocks(self.lut, self.bits, self.linear_lut)
-        return FUSED_MAX_BATCH[width][costly or narrow]
+        return width, costly or (width == 512 and not ext.wide_blocks(self.lut, self.bits, self.linear_lut))
+
+    def fused_max_batch(self) -> int:
+        """The most rows of x the fused kernel takes; more are multiplied by decoding slices for the BLAS."""
+        width, slower = self._fused_limit_key
+        return FUSED_MAX_BATCH[width][slower]
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` for float32 ``x [M, K]``."""
