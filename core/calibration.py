@@ -53,6 +53,11 @@ def calibration_inputs(model: nn.Module) -> torch.Tensor:
     return images if images is not None else synthetic_inputs(model)
 
 
+def synthesised() -> bool:
+    """Whether the data-free steps read synthesised inputs (no calibration images in force)."""
+    return _IMAGES.get() is None
+
+
 def inputs_key() -> tuple:
     """What decides ``calibration_inputs`` for a given model: part of the key of anything measured on them."""
     images = _IMAGES.get()

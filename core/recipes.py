@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from bitsweep.adaround import adaround, reconstruction_units
-from bitsweep.calibration import calibration_inputs
+from bitsweep.calibration import calibration_inputs, synthesised
 from bitsweep.equalize import equalize, fold_batchnorm
 from bitsweep.errors import BitsweepError
 from bitsweep.evaluate import run_with_hooks
@@ -30,7 +30,7 @@ from bitsweep.policy import Policy, quantizable_layers
 from bitsweep.quantize import quantize_layers
 from bitsweep.schemes import (SMALLEST_SCALE, QuantizedTensor, QuantSpec, as_column, grouped_rows, quantize_tensor,
                               ungrouped)
-from bitsweep.synthetic import batchnorms
+from bitsweep.synthetic import batchnorms, is_natural
 from bitsweep.tune import tune_channels
 
 # Clipping search: shrink factors of each row's range tried first, then a finer step around each row's best.
@@ -242,9 +242,11 @@ class Pipeline(Recipe):
 
     def _with_feedback(self, model, work, target, spec, policy):
         """This recipe's rounding followed by GPTQ, for ``target``'s layers: their input statistics are
-        ``work``'s (fp32, after folding) on ``model``'s calibration inputs."""
-        moments = input_moments(work, calibration_inputs(model),
-                                policy.plan([name for name, _ in quantizable_layers(work)], spec.bits))
+        ``work``'s (fp32, after folding) on ``model``'s calibration inputs (natural images' for a stem that
+        would read synthesised photos)."""
+        inputs = calibration_inputs(model)
+        moments = input_moments(work, inputs, policy.plan([name for name, _ in quantizable_layers(work)], spec.bits),
+                                image_prior=synthesised() and is_natural(tuple(inputs.shape[1:])))
         layer_of = {id(layer.weight): name for name, layer in quantizable_layers(target)}
         return lambda w, *args: error_feedback(w, moments[layer_of[id(w)]], self.rounding(w, *args))
 

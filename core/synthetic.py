@@ -196,6 +196,12 @@ def batchnorms(model: nn.Module) -> list[nn.BatchNorm2d]:
     return [m for m in model.modules() if is_batchnorm(m)]
 
 
+def is_natural(size: tuple[int, ...]) -> bool:
+    """Whether inputs of ``size`` (without batch) are images large enough to be photos: they get the class term
+    and the half-resolution start here, and GPTQ's natural-image statistics for the stem."""
+    return len(size) == 3 and min(size[1:]) >= NATURAL_SIDE
+
+
 def image_count(size: tuple[int, ...]) -> int:
     """How many inputs to synthesise: small images carry few positions each, so more of them."""
     pixels = size[-1] * size[-2] if len(size) == 3 else 224 * 224
@@ -245,7 +251,7 @@ def _synthesize(model: nn.Module, size: tuple[int, ...], images: int | None, ste
 def _synthesize_batch(model: nn.Module, norms: list[nn.BatchNorm2d], size: tuple[int, ...], count: int, steps: int,
                      generator: torch.Generator, first: int, stepped: Callable[[], None]) -> torch.Tensor:
     """One batch of ``synthesize``: images ``first .. first + count`` of the set; ``stepped()`` after each step."""
-    natural = len(size) == 3 and min(size[1:]) >= NATURAL_SIDE
+    natural = is_natural(size)
     x = torch.randn((count, *size), generator=generator)
     coarse = natural and steps >= 4 and _runs_at_half(model, x)
     if coarse:  # the first half of the steps at half the resolution
